@@ -1,0 +1,34 @@
+# Two commands do all of the set-up on a fresh Debian machine with Python 3.11:
+#   make demo   collect demonstrations, train, evaluate, write rollouts/ (default task, CPU)
+#   make test   run the test suite
+PY ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+export MUJOCO_GL ?= egl
+
+.PHONY: setup sysdeps demo test bench clean
+
+sysdeps:
+	@ldconfig -p | grep -q libEGL.so.1 && ldconfig -p | grep -q 'libGL.so.1' && ls /usr/lib/*/libEGL_mesa.so.0 >/dev/null 2>&1 || \
+	  { echo "installing headless GL (libegl1 libgl1 libegl-mesa0)"; \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq libegl1 libgl1 libegl-mesa0 >/dev/null; }
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first: the CPU build, so that no multi-GB CUDA build is pulled in by the package's requirement
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+setup: sysdeps $(VENV)/.installed
+
+demo: setup
+	$(BIN)/dp-demo
+
+test: setup
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) *.egg-info

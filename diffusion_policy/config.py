@@ -1,0 +1,228 @@
+"""Typed configuration for every job.
+
+The YAML files under ``configs/`` are checked against these dataclasses through hydra's
+ConfigStore: each group file (``configs/method/ddpm.yaml`` ...) starts from the schema of its group
+(``defaults: [ddpm_schema, _self_]``), so a misspelt key or a wrong type fails with the key's name.
+Derived values (input sizes, the ``Ta`` limit) are computed in Python by :func:`check_horizons` and
+the builders, never inside YAML.
+
+Vocabulary (DESIGN.md): ``To`` = ``n_obs_steps``, ``H`` = ``horizon``, ``Ta`` = ``n_action_steps``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+# Seeds. Collection, selection (rollouts during training) and evaluation draw from disjoint ranges,
+# so a policy is never judged on the initial states its demonstrations came from.
+COLLECT_SEED_BASE = 0  # dp-collect: episode i uses seed COLLECT_SEED_BASE + seed + i
+SELECT_SEED_BASE = 500_000  # rollouts inside dp-train (checkpoint selection)
+EVAL_SEED_BASE = 1_000_000  # dp-eval: episode i uses seed EVAL_SEED_BASE + seed + i
+SEED_RANGE = 500_000  # each range holds this many seeds
+
+
+# ----------------------------------------------------------------------------------------- task
+@dataclass
+class TaskConfig:
+    """A task: an environment, what the policy observes and the chunking of its actions."""
+
+    name: str = MISSING
+    """Short name, also the folder under ``rollouts/``."""
+    env_id: str = MISSING
+    """Gymnasium id (``dp/PushT-v0``) or any registered id of a peer suite."""
+    env_kwargs: dict = field(default_factory=dict)
+    """Keyword arguments for ``gymnasium.make`` (e.g. ``obs_mode: keypoints``)."""
+    obs_keys: list = field(default_factory=list)
+    """Observation keys the policy conditions on; each is a key of the store and of the env's
+    Dict observation."""
+    image_keys: list = field(default_factory=list)
+    """The subset of ``obs_keys`` that are images, stored as uint8 ``(N, H, W, 3)``."""
+    action_key: str = "action"
+    """Key of the action array in the store."""
+    horizon: int = 16
+    """``H``: length of the predicted action chunk."""
+    n_obs_steps: int = 2
+    """``To``: observation steps the policy conditions on."""
+    n_action_steps: int = 8
+    """``Ta``: actions executed before replanning; ``Ta <= H - To + 1``."""
+    max_episode_steps: int = 300
+    """Episode length limit during evaluation."""
+    expert: str = ""
+    """Name of the scripted expert in ``envs.experts`` ('' = none)."""
+    fps: float = 10.0
+    """Control rate, used for videos and the deploy loop."""
+
+
+def check_horizons(horizon: int, n_obs_steps: int, n_action_steps: int) -> None:
+    """Raise if ``To``, ``H`` and ``Ta`` are inconsistent (executed actions start at index To-1)."""
+    if n_obs_steps < 1:
+        raise ValueError(f"n_obs_steps (To) must be >= 1, got {n_obs_steps}")
+    if n_action_steps < 1:
+        raise ValueError(f"n_action_steps (Ta) must be >= 1, got {n_action_steps}")
+    if n_action_steps > horizon - n_obs_steps + 1:
+        raise ValueError(
+            f"n_action_steps (Ta={n_action_steps}) must be <= horizon - n_obs_steps + 1 "
+            f"(H={horizon}, To={n_obs_steps}: at most {horizon - n_obs_steps + 1}), because the first "
+            f"executed action is chunk index To-1"
+        )
+
+
+# --------------------------------------------------------------------------------------- policy
+@dataclass
+class ObsEncoderConfig:
+    """How observations become the condition ``(B, To, F)``."""
+
+    crop_ratio: float = 0.875
+    """Images: random crop of this fraction of each side in training, center crop in evaluation
+    (84 of 96 as in Chi et al.). 1.0 disables cropping."""
+    share_rgb_model: bool = False
+    """One image backbone for every camera (True) or one per camera (False)."""
+    image_feature_dim: int = 64
+    """Features per camera after the spatial-softmax head (2 x keypoints)."""
+    backbone_width: int = 64
+    """Channels of the first ResNet-18 stage (64 = the standard ResNet-18)."""
+
+
+@dataclass
+class PolicyConfig:
+    """Denoising network. ``name`` selects the architecture; fields of the other one are ignored."""
+
+    name: str = MISSING
+    """``unet`` (conditional 1D temporal UNet), ``transformer`` or ``mlp`` (regression baseline)."""
+    # UNet
+    down_dims: list = field(default_factory=lambda: [256, 512, 1024])
+    """UNet channels per level; the chunk is halved in time len(down_dims)-1 times."""
+    kernel_size: int = 5
+    n_groups: int = 8
+    """GroupNorm groups."""
+    time_embed_dim: int = 256
+    """Sinusoidal time embedding size (UNet and transformer)."""
+    # transformer
+    n_layer: int = 8
+    n_head: int = 4
+    n_emb: int = 256
+    p_drop: float = 0.0
+    # mlp
+    hidden_dims: list = field(default_factory=lambda: [512, 512, 512])
+    obs_encoder: ObsEncoderConfig = field(default_factory=ObsEncoderConfig)
+
+
+# --------------------------------------------------------------------------------------- method
+@dataclass
+class MethodConfig:
+    """Generative method. ``name`` selects the family: ``diffusion`` (diffusers' schedulers),
+    ``flow`` (flow matching) or ``regression`` (MSE, the behaviour-cloning baseline)."""
+
+    name: str = MISSING
+    # diffusion
+    scheduler: str = "ddpm"
+    """Diffusion sampler: ``ddpm``, ``ddim`` or ``dpmsolver`` (DPM-Solver++)."""
+    num_train_timesteps: int = 100
+    beta_schedule: str = "squaredcos_cap_v2"
+    """``linear``, ``scaled_linear`` or ``squaredcos_cap_v2``."""
+    prediction_type: str = "epsilon"
+    """``epsilon``, ``sample`` or ``v_prediction``."""
+    clip_sample: bool = True
+    # flow matching
+    time_dist: str = "beta"
+    """Training time distribution: ``uniform``, ``logit_normal`` or ``beta`` (pi0: Beta(1.5, 1))."""
+    integrator: str = "euler"
+    """``euler``, ``midpoint`` or ``heun``."""
+    # both
+    num_inference_steps: int = 100
+    """Sampler steps (diffusion: <= num_train_timesteps; flow: integration steps)."""
+
+
+# ----------------------------------------------------------------------------------------- jobs
+@dataclass
+class CollectConfig:
+    task: TaskConfig = MISSING
+    episodes: int = 100
+    """Successful episodes wanted in the store; re-running appends until there are this many."""
+    out: str = MISSING
+    """Path of the Zarr store to create or append to."""
+    seed: int = 0
+    """Offset into the collection seed range."""
+    workers: int = 0
+    """Parallel worker processes (0 = one per CPU core)."""
+    max_attempts_factor: float = 3.0
+    """Give up after episodes x this many attempts."""
+
+
+@dataclass
+class TrainConfig:
+    task: TaskConfig = MISSING
+    policy: PolicyConfig = MISSING
+    method: MethodConfig = MISSING
+    data: str = MISSING
+    """Path of the Zarr store of demonstrations."""
+    run_dir: str = ""
+    """Where checkpoints and logs go ('' = runs/<task>/<date-time>)."""
+    resume: bool = False
+    """Continue the run in ``run_dir`` from its ``latest`` checkpoint."""
+    device: str = "auto"
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto``."""
+    seed: int = 0
+    batch_size: int = 256
+    """Global batch size (split across ranks under torchrun)."""
+    steps: int = 100_000
+    """Optimizer steps."""
+    lr: float = 1e-4
+    betas: list = field(default_factory=lambda: [0.95, 0.999])
+    weight_decay: float = 1e-6
+    warmup_steps: int = 500
+    grad_clip: float = 1.0
+    ema: bool = True
+    ema_power: float = 0.75
+    ema_max_decay: float = 0.9999
+    bf16: bool = True
+    """bf16 autocast on CUDA (ignored on CPU)."""
+    compile: bool = False
+    data_on_device: bool = True
+    """Low-dimensional data: keep the whole dataset on the device."""
+    num_workers: int = 0
+    val_ratio: float = 0.05
+    max_train_episodes: Optional[int] = None
+    log_every: int = 100
+    val_every: int = 1000
+    eval_every: int = 0
+    """Rollout evaluation every this many steps (0 = never)."""
+    eval_episodes: int = 20
+    checkpoint_every: int = 1000
+    topk: int = 3
+    wandb: bool = False
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = MISSING
+    """A checkpoint directory (or a run directory: its ``latest``), or ``expert`` for the scripted
+    expert of ``task``."""
+    task: Optional[Any] = None
+    """Only for ``checkpoint=expert``: the task config."""
+    episodes: int = 50
+    seed: int = 0
+    """Offset into the evaluation seed range."""
+    out: str = ""
+    """Output folder ('' = rollouts/<task>/<checkpoint name>)."""
+    n_envs: int = 0
+    """Parallel environments (0 = one per CPU core)."""
+    videos: int = 4
+    """Videos of the first K episodes."""
+    device: str = "auto"
+    num_inference_steps: Optional[int] = None
+    """Override the sampler's steps."""
+    max_episode_steps: Optional[int] = None
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(group="task", name="task_schema", node=TaskConfig)
+    cs.store(group="policy", name="policy_schema", node=PolicyConfig)
+    cs.store(group="method", name="method_schema", node=MethodConfig)
+    cs.store(name="collect_schema", node=CollectConfig)
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="eval_schema", node=EvalConfig)

@@ -11,7 +11,8 @@ Vocabulary (DESIGN.md): ``To`` = ``n_obs_steps``, ``H`` = ``horizon``, ``Ta`` = 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -226,3 +227,70 @@ def register_configs() -> None:
     cs.store(name="collect_schema", node=CollectConfig)
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalConfig)
+
+
+# ------------------------------------------------------------------------------- composition
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+# Allowed values of enumerated fields, checked by validate(): hydra checks keys and types, these
+# are checked here so a typo names the key and what it may be.
+CHOICES = {
+    "policy.name": ("unet", "transformer", "mlp"),
+    "method.name": ("diffusion", "flow", "regression"),
+    "method.scheduler": ("ddpm", "ddim", "dpmsolver"),
+    "method.beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
+    "method.prediction_type": ("epsilon", "sample", "v_prediction"),
+    "method.time_dist": ("uniform", "logit_normal", "beta"),
+    "method.integrator": ("euler", "midpoint", "heun"),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key and what was expected."""
+
+
+def compose(config_name: str, overrides: Sequence[str] = ()) -> Any:
+    """Compose ``configs/<config_name>.yaml`` with command-line style overrides (``key=value``)
+    and return the typed dataclass (TrainConfig, EvalConfig, ...). Raises ConfigError."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    register_configs()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+        obj = OmegaConf.to_object(cfg)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(" ".join(str(e).split())) from None
+    validate(obj)
+    return obj
+
+
+def validate(cfg: Any) -> None:
+    """Check enumerated fields and the horizons of a composed job config."""
+    for dotted, allowed in CHOICES.items():
+        group, key = dotted.split(".")
+        node = getattr(cfg, group, None)
+        if node is None or not hasattr(node, key):
+            continue
+        value = getattr(node, key)
+        if value not in allowed:
+            raise ConfigError(f"{dotted}={value!r} is not allowed; expected one of {', '.join(allowed)}")
+    task = getattr(cfg, "task", None)
+    if isinstance(task, TaskConfig):
+        try:
+            check_horizons(task.horizon, task.n_obs_steps, task.n_action_steps)
+        except ValueError as e:
+            raise ConfigError(f"task {task.name}: {e}") from None
+        unknown = [k for k in task.image_keys if k not in task.obs_keys]
+        if unknown:
+            raise ConfigError(f"task.image_keys {unknown} must also be listed in task.obs_keys {task.obs_keys}")
+
+
+def as_dict(cfg: Any) -> dict:
+    """A plain, JSON-able dict of a config dataclass (for checkpoints and run folders)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)

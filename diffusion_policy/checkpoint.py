@@ -1,0 +1,195 @@
+"""Training checkpoints: directories of safetensors and JSON, written atomically.
+
+    <run>/checkpoints/
+      step_0001000/
+        policy/                 the weights used for evaluation (EMA if on) as Policy.save writes
+                                them: safetensors + config.json (task, policy, method, normalizer)
+        model.safetensors       the raw training weights
+        optimizer.safetensors   AdamW moments and steps; optimizer.json its param groups
+        rng.safetensors         torch CPU (and CUDA) generator states
+        trainer.json            step, scheduler, EMA step count, top-k list, numpy RNG, config
+      latest                    the name of the newest complete checkpoint, replaced last
+      best                      the name of the best checkpoint by rollout success (if any)
+
+A checkpoint is written under a temporary name, every file flushed to disk, then renamed into
+place; only then is ``latest`` replaced (write, fsync, rename). A process killed at any moment
+leaves ``latest`` naming a complete checkpoint. No pickle anywhere: loading needs no import paths.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from diffusion_policy.config import as_dict
+from diffusion_policy.policy import Policy
+
+
+def _dir(run_dir) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def has_latest(run_dir) -> bool:
+    return (_dir(run_dir) / "latest").is_file()
+
+
+def read_latest(run_dir) -> str:
+    return (_dir(run_dir) / "latest").read_text().strip()
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    for d in [path, *[p for p in path.rglob("*") if p.is_dir()]]:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_pointer(path: Path, name: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().contiguous().cpu()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _load_optimizer(optimizer, tensors: dict, meta: dict) -> None:
+    state: dict = {}
+    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_training(run_dir, step, policy, ema, optimizer, scheduler, cfg, topk, score=None, k=3) -> list:
+    """Write checkpoint ``step_<step>``; update ``latest`` (and ``best``); keep the newest and the
+    top-k by ``score`` = (success rate, mean max reward). Returns the new top-k list."""
+    root = _dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:07d}"
+    topk = [e for e in topk if e["name"] != name]
+    if score is not None:
+        topk.append({"name": name, "step": step, "score": list(score)})
+        topk = sorted(topk, key=lambda e: (tuple(e["score"]), e["step"]), reverse=True)[:k]
+
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    (ema if ema is not None else policy).save(tmp / "policy")
+    save_file({k_: v.detach().contiguous().cpu() for k_, v in policy.state_dict().items()},
+              str(tmp / "model.safetensors"))
+    tensors, meta = _optimizer_tensors(optimizer)
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "optimizer.json").write_text(json.dumps(meta))
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"torch_cuda_{i}"] = s
+    save_file(rng, str(tmp / "rng.safetensors"))
+    np_state = np.random.get_state()
+    trainer = {
+        "step": step,
+        "scheduler": {k_: v for k_, v in scheduler.state_dict().items() if k_ != "lr_lambdas"},
+        "has_ema": ema is not None,
+        "topk": topk,
+        "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "config": as_dict(cfg),
+    }
+    (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1))
+    _fsync_tree(tmp)
+
+    final = root / name
+    if final.exists():  # e.g. a resumed run saving the step it resumed from
+        trash = root / f".old-{name}-{os.getpid()}"
+        final.rename(trash)
+        shutil.rmtree(trash)
+    tmp.rename(final)
+    _write_pointer(root / "latest", name)
+    if topk:
+        _write_pointer(root / "best", topk[0]["name"])
+
+    keep = {name} | {e["name"] for e in topk}
+    for old in root.iterdir():
+        if old.is_dir() and (old.name not in keep):  # includes .tmp/.old leftovers of killed runs
+            shutil.rmtree(old, ignore_errors=True)
+    return topk
+
+
+def load_training(run_dir, device) -> dict:
+    """Everything needed to resume: the raw model (a Policy) plus the saved states."""
+    path = _dir(run_dir) / read_latest(run_dir)
+    policy = Policy.load(path / "policy", device=device)
+    policy.load_state_dict(load_file(str(path / "model.safetensors"), device=str(device)))
+    trainer = json.loads((path / "trainer.json").read_text())
+    return {
+        "model": policy,
+        "path": path,
+        "trainer": trainer,
+        "ema": load_file(str(path / "policy" / "model.safetensors"), device=str(device))
+        if trainer["has_ema"] else None,
+        "optimizer": (load_file(str(path / "optimizer.safetensors"), device=str(device)),
+                      json.loads((path / "optimizer.json").read_text())),
+        "rng": load_file(str(path / "rng.safetensors")),
+    }
+
+
+def restore_training(state, optimizer, scheduler, ema) -> tuple[int, list]:
+    """Load optimizer, scheduler, EMA and RNG states; returns (step, topk)."""
+    trainer = state["trainer"]
+    _load_optimizer(optimizer, *state["optimizer"])
+    sched = dict(trainer["scheduler"])
+    sched["lr_lambdas"] = [None] * len(optimizer.param_groups)
+    scheduler.load_state_dict(sched)
+    if ema is not None and state["ema"] is not None:
+        ema.load_state_dict(state["ema"])
+    torch.set_rng_state(state["rng"]["torch_cpu"])
+    cuda = [state["rng"][f"torch_cuda_{i}"] for i in range(torch.cuda.device_count())
+            if f"torch_cuda_{i}" in state["rng"]]
+    if cuda:
+        torch.cuda.set_rng_state_all(cuda)
+    s = trainer["numpy_rng"]
+    np.random.set_state((s[0], np.array(s[1], dtype=np.uint32), *s[2:]))
+    return trainer["step"], trainer["topk"]
+
+
+def load_policy(path, device="cpu") -> Policy:
+    """One call from a run directory, a checkpoint directory or a policy directory to a policy
+    ready for ``predict`` (EMA weights when training kept them)."""
+    path = Path(path)
+    if (path / "checkpoints" / "latest").is_file():
+        path = path / "checkpoints" / read_latest(path)
+    if (path / "policy").is_dir():
+        path = path / "policy"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a run, checkpoint or policy directory "
+                                f"(expected checkpoints/latest, policy/ or config.json)")
+    return Policy.load(path, device=device).eval()

@@ -1,0 +1,336 @@
+"""dp-train: one training loop for every network x method pair, from a CPU to many GPUs.
+
+    dp-train task=avoid data=data/avoid.zarr policy=unet_small method=ddpm steps=2000
+    torchrun --nproc_per_node=2 -m diffusion_policy.train task=pusht data=... device=cuda
+
+Read top to bottom: set-up (ranks, data, policy, optimizer, EMA), resume, the loop (train step,
+logging, validation, rollouts, checkpoints). Under torchrun every rank runs this same file with
+DDP: ``batch_size`` is the *global* batch, each rank draws ``batch_size / world_size`` windows from
+its own shard of one shared permutation, metrics are all-reduced and only rank 0 writes.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from diffusion_policy import checkpoint as ckpt
+from diffusion_policy.config import ConfigError, TrainConfig, as_dict, compose
+from diffusion_policy.data.normalize import Normalizer
+from diffusion_policy.data.store import EpisodeStore
+from diffusion_policy.data.windows import WindowSampler, split_episodes
+from diffusion_policy.logger import Logger
+from diffusion_policy.policy import Policy
+
+
+# ------------------------------------------------------------------------------------ helpers
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but CUDA is not available; expected device=cpu or auto")
+    return torch.device(name)
+
+
+def ema_decay(step: int, power: float, max_decay: float) -> float:
+    """EMA warm-up as in Chi et al. (power 0.75): decay = 1 - (1 + step)^-power, capped."""
+    if step <= 0:
+        return 0.0
+    return min(max_decay, max(0.0, 1.0 - (1.0 + step) ** -power))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, m in zip(ema.parameters(), model.parameters()):
+        e.lerp_(m.detach(), 1.0 - decay)
+    for e, m in zip(ema.buffers(), model.buffers()):
+        e.copy_(m)
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warm-up, then cosine decay to zero (the schedule of Chi et al.)."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+class Windows:
+    """Training windows, drawn epoch by epoch from a permutation that depends only on
+    (seed, epoch): the batch of any step is known from the step alone, so resume needs no state
+    from the loader, and every rank sees a disjoint slice of the same permutation."""
+
+    def __init__(self, arrays, sampler, obs_keys, action_key, device, on_device, rank, world):
+        self.sampler, self.obs_keys, self.action_key = sampler, obs_keys, action_key
+        self.rank, self.world, self.device = rank, world, device
+        self.arrays = arrays
+        self.cache = None
+        if on_device:  # every window materialized once: a batch is one index into device tensors
+            full = sampler.gather(arrays, np.arange(len(sampler)), obs_keys, action_key)
+            self.cache = _to_torch(full, device)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def batch(self, step: int, seed: int, per_rank: int) -> dict:
+        global_batch = per_rank * self.world
+        per_epoch = max(1, len(self) // global_batch)
+        epoch, k = divmod(step, per_epoch)
+        perm = np.random.default_rng([seed, epoch]).permutation(len(self))
+        if len(perm) < global_batch:  # tiny datasets: draw with replacement
+            perm = np.random.default_rng([seed, epoch]).integers(0, len(self), global_batch)
+        idx = perm[k * global_batch:(k + 1) * global_batch][self.rank::self.world]
+        if self.cache is not None:
+            t = torch.as_tensor(idx, device=self.device)
+            return {"obs": {key: v[t] for key, v in self.cache["obs"].items()},
+                    "action": self.cache["action"][t]}
+        out = self.sampler.gather(self.arrays, idx, self.obs_keys, self.action_key)
+        return _to_torch(out, self.device)
+
+
+def _to_torch(batch: dict, device) -> dict:
+    return {"obs": {k: torch.as_tensor(np.asarray(v)).to(device, non_blocking=True) for k, v in batch["obs"].items()},
+            "action": torch.as_tensor(np.asarray(batch["action"]), dtype=torch.float32).to(device)}
+
+
+class LossModule(torch.nn.Module):
+    """What DDP wraps: forward() is the policy's training loss, so gradients are synchronized."""
+
+    def __init__(self, policy: Policy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.policy.compute_loss(batch)
+
+
+# --------------------------------------------------------------------------------------- train
+def train(cfg: TrainConfig) -> dict:
+    """Train a policy; returns {'run_dir', 'step', 'train_loss', 'val_loss', 'best'}."""
+    # ---- ranks and device
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(cfg.device, local_rank)
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if cfg.batch_size % world:
+        raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the number of ranks ({world})")
+    per_rank = cfg.batch_size // world
+    is_main = rank == 0
+
+    run_dir = Path(cfg.run_dir or f"runs/{cfg.task.name}/{datetime.now():%Y%m%d-%H%M%S}")
+    if cfg.resume and not ckpt.has_latest(run_dir):
+        raise ConfigError(f"resume=true but {run_dir} has no checkpoint to resume from "
+                          f"(expected {run_dir}/checkpoints/latest); pass run_dir=<an earlier run>")
+    if is_main and not cfg.resume and ckpt.has_latest(run_dir):
+        raise ConfigError(f"run_dir {run_dir} already holds a run; pass resume=true to continue it "
+                          f"or choose another run_dir")
+
+    torch.manual_seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+
+    # ---- data: episodes split by a seed, normalizer fitted on the training episodes only
+    task = cfg.task
+    store = EpisodeStore.open(cfg.data)
+    keys = list(task.obs_keys) + [task.action_key]
+    missing = [k for k in keys if k not in store.keys()]
+    if missing:
+        raise ConfigError(f"{cfg.data}: task {task.name} needs keys {missing}, "
+                          f"the store has {sorted(store.keys())}")
+    train_ids, val_ids = split_episodes(store.n_episodes, cfg.val_ratio, cfg.seed, cfg.max_train_episodes)
+    arrays = {k: store[k] for k in keys}
+    sampler_kw = dict(horizon=task.horizon, n_obs_steps=task.n_obs_steps, n_action_steps=task.n_action_steps)
+    train_sampler = WindowSampler(store.episode_ends, episodes=train_ids, **sampler_kw)
+    val_sampler = WindowSampler(store.episode_ends, episodes=val_ids, **sampler_kw) if len(val_ids) else None
+    on_device = cfg.data_on_device and not task.image_keys
+    train_windows = Windows(arrays, train_sampler, task.obs_keys, task.action_key, device, on_device, rank, world)
+
+    # ---- policy, EMA, optimizer, schedule
+    if cfg.resume:
+        state = ckpt.load_training(run_dir, device)
+        policy = state["model"]
+    else:
+        fit_arrays = {k: _episode_rows(arrays[k], store.episode_ends, train_ids) for k in keys
+                      if k not in task.image_keys}
+        modes = {k: "minmax" for k in fit_arrays} | {k: "image" for k in task.image_keys}
+        normalizer = Normalizer.fit(fit_arrays, modes)
+        shapes = {k: tuple(store[k].shape[1:]) for k in task.obs_keys}
+        action_dim = int(store[task.action_key].shape[-1])
+        policy = Policy.build(task, cfg.policy, cfg.method, normalizer, shapes, action_dim)
+    policy.to(device)
+    ema = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.ema else None
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+                                  weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.steps))
+    step, topk = 0, []
+    if cfg.resume:
+        step, topk = ckpt.restore_training(state, optimizer, scheduler, ema)
+        if rank > 0:  # only rank 0's generator was saved; the others get a fresh, distinct stream
+            torch.manual_seed(cfg.seed + 1000 * step + rank)
+        if is_main:
+            print(f"resumed {run_dir} at step {step}", flush=True)
+
+    loss_module = LossModule(policy)
+    if world > 1:
+        loss_module = torch.nn.parallel.DistributedDataParallel(
+            loss_module, device_ids=[device.index] if device.type == "cuda" else None)
+    loss_fn = torch.compile(loss_module) if cfg.compile else loss_module
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
+
+    logger = None
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(as_dict(cfg), indent=2))
+        logger = Logger(run_dir, use_wandb=cfg.wandb, config=as_dict(cfg),
+                        resume_step=step if cfg.resume else None)
+        n_params = sum(p.numel() for p in policy.parameters())
+        print(f"run {run_dir}: {store.n_episodes} episodes ({len(train_ids)} train, {len(val_ids)} val), "
+              f"{len(train_windows)} windows, {n_params / 1e6:.2f}M parameters, device {device}, "
+              f"{world} rank(s), global batch {cfg.batch_size}", flush=True)
+
+    # ---- the loop
+    from tqdm import tqdm
+    bar = tqdm(total=cfg.steps, initial=step, disable=not is_main, dynamic_ncols=True, desc="train")
+    t_last, n_last = time.perf_counter(), step
+    train_loss = val_loss = float("nan")
+    policy.train()
+    while step < cfg.steps:
+        batch = train_windows.batch(step, cfg.seed, per_rank)
+        with autocast:
+            loss = loss_fn(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        if ema is not None:
+            ema_update(ema, policy, ema_decay(step, cfg.ema_power, cfg.ema_max_decay))
+
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            train_loss = _mean_across_ranks(loss.detach(), world)
+            now = time.perf_counter()
+            sps = (step - n_last) * cfg.batch_size / (now - t_last)
+            t_last, n_last = now, step
+            if is_main:
+                lr = scheduler.get_last_lr()[0]
+                logger.log(step, {"train/loss": train_loss, "train/lr": lr, "train/grad_norm": float(grad_norm),
+                                  "train/samples_per_s": sps})
+                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.1e}", sps=f"{sps:.0f}")
+        bar.update(1)
+
+        if val_sampler is not None and (step % cfg.val_every == 0 or step == cfg.steps):
+            val_loss = _validation_loss(ema or policy, arrays, val_sampler, task, device, cfg.seed, world, rank)
+            if is_main:
+                logger.log(step, {"val/loss": val_loss})
+
+        selected = None
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+            metrics = _rollouts(ema or policy, task, cfg.eval_episodes, step, device, rank, world)
+            if is_main:
+                logger.log(step, {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+                selected = (metrics["success_rate"], metrics["mean_max_reward"])
+                bar.write(f"step {step}: success {metrics['success_rate']:.2f} "
+                          f"mean max reward {metrics['mean_max_reward']:.3f}")
+            policy.train()
+
+        if is_main and (step % cfg.checkpoint_every == 0 or step == cfg.steps or selected is not None):
+            topk = ckpt.save_training(run_dir, step, policy, ema, optimizer, scheduler, cfg, topk,
+                                      score=selected, k=cfg.topk)
+    bar.close()
+    if is_main:
+        logger.close()
+        print(f"done: step {step}, train loss {train_loss:.4f}, val loss {val_loss:.4f}; "
+              f"checkpoint {run_dir}/checkpoints/{ckpt.read_latest(run_dir)}", flush=True)
+    if world > 1:
+        dist.barrier()
+    return {"run_dir": str(run_dir), "step": step, "train_loss": train_loss, "val_loss": val_loss,
+            "best": topk[0] if topk else None}
+
+
+def _episode_rows(array, episode_ends, episodes) -> np.ndarray:
+    starts = np.concatenate([[0], episode_ends[:-1]])
+    return np.concatenate([np.asarray(array[starts[e]:episode_ends[e]]) for e in episodes])
+
+
+def _mean_across_ranks(x: torch.Tensor, world: int) -> float:
+    if world > 1:
+        x = x.float().clone()
+        dist.all_reduce(x)
+        x /= world
+    return float(x)
+
+
+@torch.no_grad()
+def _validation_loss(policy, arrays, sampler, task, device, seed, world, rank, max_windows=4096) -> float:
+    """Mean loss over a fixed subset of validation windows and a fixed noise draw, so successive
+    values are comparable. Each rank takes a slice; the mean is all-reduced."""
+    was_training = policy.training
+    policy.eval()
+    idx = np.random.default_rng(seed).permutation(len(sampler))[:max_windows][rank::world]
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    total, n = torch.zeros((), device=device), 0
+    for chunk in np.array_split(idx, max(1, math.ceil(len(idx) / 512))):
+        batch = _to_torch(sampler.gather(arrays, chunk, task.obs_keys, task.action_key), device)
+        total += policy.compute_loss(batch).detach() * len(chunk)
+        n += len(chunk)
+    torch.random.set_rng_state(state)
+    policy.train(was_training)
+    out = torch.stack([total, torch.tensor(float(n), device=device)])
+    if world > 1:
+        dist.all_reduce(out)
+    return float(out[0] / out[1].clamp(min=1))
+
+
+def _rollouts(policy, task, episodes, step, device, rank, world) -> dict:
+    """Success of the current (EMA) weights on the selection seeds, which are disjoint from both
+    the collection and the test seeds (selecting on test seeds would inflate reported results)."""
+    from diffusion_policy.config import SELECT_SEED_BASE
+    from diffusion_policy.evaluate import run_episodes
+
+    policy.eval()
+    seeds = [SELECT_SEED_BASE + i for i in range(episodes)]
+    return run_episodes(policy, task, seeds, device=device, rank=rank, world=world)
+
+
+# ---------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: ``dp-train key=value ...`` (hydra overrides on configs/train.yaml)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    try:
+        cfg = compose("train", argv)
+        train(cfg)
+    except ConfigError as e:
+        print(f"dp-train: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dp-train: interrupted; resume with resume=true run_dir=<the run>", file=sys.stderr)
+        return 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""dp-train end to end with tiny budgets: the real entry point, resume that joins the
+uninterrupted curve, checkpoints that survive SIGKILL, and config errors that name the key."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffusion_policy import checkpoint as ckpt
+from diffusion_policy.config import ConfigError, compose
+from diffusion_policy.data.store import EpisodeStore
+from diffusion_policy.train import ema_decay, lr_lambda, main, train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["policy=unet_small", "policy.down_dims=[16,32]", "policy.time_embed_dim=16",
+        "batch_size=16", "log_every=1", "val_every=5", "checkpoint_every=5", "warmup_steps=2",
+        "device=cpu", "method.num_inference_steps=4"]
+
+
+def _make_store(path: Path, episodes=6, length=30, seed=0) -> Path:
+    """A store with the default task's keys: a 2-D point drifting about, action = next position.
+    Training reads shapes from the store, so no environment is needed here."""
+    rng = np.random.default_rng(seed)
+    store = EpisodeStore.create(path)
+    task = compose("train", []).task
+    for _ in range(episodes):
+        pos = np.cumsum(rng.normal(0, 0.05, (length, 2)), axis=0).astype(np.float32)
+        ep = {task.action_key: np.roll(pos, -1, axis=0)}
+        for k in task.obs_keys:
+            ep[k] = np.concatenate([pos, rng.normal(0, 0.1, (length, 2)).astype(np.float32)], axis=1)
+        store.add_episode(ep)
+    return path
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return _make_store(tmp_path_factory.mktemp("data") / "toy.zarr")
+
+
+def test_schedules():
+    f = lr_lambda(warmup=10, total=110)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0, abs=1e-12)
+    assert ema_decay(0, 0.75, 0.9999) == 0.0
+    assert ema_decay(100, 0.75, 0.9999) == pytest.approx(1 - 101 ** -0.75)
+    assert ema_decay(10**9, 0.75, 0.9999) == 0.9999
+
+
+def test_train_writes_run_and_checkpoint_loads(store, tmp_path):
+    run = tmp_path / "run"
+    cfg = compose("train", TINY + [f"data={store}", f"run_dir={run}", "steps=10"])
+    out = train(cfg)
+    assert out["step"] == 10 and np.isfinite(out["train_loss"]) and np.isfinite(out["val_loss"])
+    assert json.loads((run / "config.json").read_text())["steps"] == 10
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines if "train/loss" in l] == list(range(1, 11))
+    assert any("val/loss" in l for l in lines)
+    assert list((run / "tb").iterdir()), "no TensorBoard event file"
+    assert ckpt.read_latest(run) == "step_0000010"
+    policy = ckpt.load_policy(run)  # one call, no training config tree
+    obs = {k: torch.zeros(3, cfg.task.n_obs_steps, *policy.shapes[k]) for k in cfg.task.obs_keys}
+    chunk = policy.predict(obs, generator=torch.Generator().manual_seed(0))
+    assert chunk.shape == (3, cfg.task.horizon, 2) and torch.isfinite(chunk).all()
+
+
+def test_resume_joins_uninterrupted_curve(store, tmp_path):
+    common = TINY + [f"data={store}", "steps=10"]
+    train(compose("train", common + [f"run_dir={tmp_path / 'full'}"]))
+    part = tmp_path / "part"
+    first = compose("train", common + [f"run_dir={part}"])
+    _train_until(first, stop=5)  # the same run, killed right after its step-5 checkpoint
+    resumed = train(compose("train", common + [f"run_dir={part}", "resume=true"]))
+    assert resumed["step"] == 10
+    a = [json.loads(l) for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(l) for l in (part / "metrics.jsonl").read_text().splitlines()]
+    la = [l["train/loss"] for l in a if "train/loss" in l]
+    lb = [l["train/loss"] for l in b if "train/loss" in l]
+    assert len(lb) == 10
+    # same data order, same noise, same optimizer, scheduler and EMA state: the same curve
+    np.testing.assert_allclose(lb, la, rtol=1e-4)
+    np.testing.assert_allclose([l["train/lr"] for l in b if "train/lr" in l],
+                               [l["train/lr"] for l in a if "train/lr" in l], rtol=1e-6)
+    va = [l["val/loss"] for l in a if "val/loss" in l]
+    vb = [l["val/loss"] for l in b if "val/loss" in l]
+    np.testing.assert_allclose(vb, va, rtol=1e-4)  # EMA weights joined too
+
+
+def _train_until(cfg, stop: int) -> None:
+    """Run ``train`` and interrupt it right after the checkpoint of step ``stop``, as a crash would."""
+    import diffusion_policy.train as T
+
+    real = T.ckpt.save_training
+
+    def save_then_stop(run_dir, step, *a, **kw):
+        out = real(run_dir, step, *a, **kw)
+        if step == stop:
+            raise KeyboardInterrupt
+        return out
+
+    T.ckpt.save_training = save_then_stop
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            T.train(cfg)
+    finally:
+        T.ckpt.save_training = real
+
+
+def test_sigkill_never_leaves_latest_unloadable(store, tmp_path):
+    run = tmp_path / "killed"
+    args = [sys.executable, "-m", "diffusion_policy.train", *TINY, f"data={store}", f"run_dir={run}",
+            "steps=100000", "checkpoint_every=1", "val_every=100000"]
+    rng = np.random.default_rng(0)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for attempt in range(3):
+        p = subprocess.Popen(args + (["resume=true"] if attempt else []), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        deadline = time.time() + 60
+        while not ckpt.has_latest(run) and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.05, 1.0))  # die mid-write at a random moment
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        assert ckpt.has_latest(run)
+        state = ckpt.load_training(run, "cpu")  # every file of the checkpoint named by latest loads
+        assert state["trainer"]["step"] >= 1
+        ckpt.load_policy(run)
+
+
+def test_config_errors_name_the_key(store, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="method.scheduler"):
+        compose("train", ["method.scheduler=ddpn"])
+    with pytest.raises(ConfigError, match="ddim|flow"):  # hydra lists the group's options
+        compose("train", ["method=nope"])
+    with pytest.raises(ConfigError, match="no_such_key"):
+        compose("train", ["no_such_key=1"])
+    with pytest.raises(ConfigError, match="n_action_steps"):
+        compose("train", ["task.n_action_steps=20"])
+    assert main(["method.integrator=rk4"]) == 2
+    assert "method.integrator" in capsys.readouterr().err
+    assert main([f"data={tmp_path / 'missing.zarr'}", f"run_dir={tmp_path / 'r'}", "device=cpu"]) == 2
+    assert "missing.zarr" in capsys.readouterr().err
+
+
+def test_cli_runs_real_entry_point(store, tmp_path):
+    run = tmp_path / "cli"
+    r = subprocess.run(["dp-train", *TINY, f"data={store}", f"run_dir={run}", "steps=3"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert ckpt.read_latest(run) == "step_0000003"

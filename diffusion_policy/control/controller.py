@@ -1,0 +1,242 @@
+"""Receding-horizon control around a stateless policy.
+
+Every control step the caller hands in the newest observation of each environment and gets one
+action per environment back. The controller keeps what the policy must not (DESIGN.md: the policy
+is stateless): the last ``To`` observations of each environment and the chunks still being
+executed. Timeline of one chunk predicted at step ``t`` (Chi et al. 2023, Fig. 3)::
+
+    chunk index  0 ... To-2 | To-1   To ... To-2+Ta | ... H-1
+    time step    t-To+1 ... | t      t+1 ... t+Ta-1 | ...
+                 (past obs)   first executed action   replan at t+Ta
+
+so the first executed action is chunk index ``To-1`` (the action for the current observation),
+``Ta`` actions are executed, then the policy is asked again. At episode start the first
+observation is repeated ``To`` times, like the window padding used in training.
+
+Smoothing across chunks (``smoothing``):
+- ``none``: execute the newest chunk as predicted.
+- ``ensemble``: temporal ensembling as in ACT (Zhao et al. 2023, Sec. 3.3): the action for step
+  ``t`` is the weighted mean of every stored chunk's prediction for ``t``, with weights
+  ``exp(-k * i)`` where ``i = 0`` is the oldest prediction. With ``Ta = 1`` this is ACT exactly.
+- ``blend``: when a new chunk arrives, the part of the previous chunk that overlaps it in time
+  (its ``H - To + 1 - Ta`` unexecuted predictions) is blended in with a linear ramp, so the plan
+  moves from the old chunk to the new one instead of jumping (cf. the 0.3/0.7 blend of LeRobot's
+  asynchronous inference, here as a ramp).
+
+The controller knows nothing of Gymnasium: it consumes ``{key: array (n_envs, ...)}`` dicts and
+returns ``(n_envs, Da)`` numpy arrays, so the evaluation job and the deploy loop share it.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+SMOOTHING = ("none", "ensemble", "blend")
+
+
+def ensemble_weights(n: int, k: float) -> np.ndarray:
+    """Normalized ACT temporal-ensembling weights for ``n`` predictions of one step.
+
+    Index 0 is the oldest prediction: ``w_i = exp(-k i) / sum_j exp(-k j)``. ``k > 0`` trusts
+    older chunks more (ACT's choice, smoother); ``k < 0`` trusts newer ones; ``k = 0`` averages.
+    """
+    w = np.exp(-k * np.arange(n, dtype=np.float64))
+    return w / w.sum()
+
+
+def blend_chunks(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """Blend the overlap of the previous plan into the new one with a linear ramp.
+
+    ``old`` (L, Da): the previous plan's predictions for the first ``L`` steps of ``new`` (M, Da),
+    ``L <= M``. Step ``j < L`` gets weight ``(j + 1) / (L + 1)`` on the new chunk, the rest of
+    ``new`` is kept as is. Returns a new array (M, Da).
+    """
+    n_overlap = len(old)
+    if n_overlap > len(new):
+        raise ValueError(f"blend_chunks: overlap of {n_overlap} steps is longer than the new "
+                         f"chunk ({len(new)} steps)")
+    out = np.array(new, dtype=np.float64, copy=True)
+    if n_overlap:
+        alpha = (np.arange(n_overlap) + 1.0) / (n_overlap + 1.0)  # weight of the new chunk
+        out[:n_overlap] = (1.0 - alpha[:, None]) * old + alpha[:, None] * new[:n_overlap]
+    return out
+
+
+@dataclass
+class _EnvState:
+    """What the controller remembers about one environment's current episode."""
+
+    history: deque  # last To observations, each {key: array}
+    step: int = 0  # steps taken in this episode (the step whose action is asked next)
+    # chunks still covering future steps: (first step they act at, actions (H-To+1, Da))
+    chunks: list = field(default_factory=list)
+    generator: torch.Generator | None = None
+
+
+class RecedingHorizonController:
+    """Observe ``To`` steps, predict an ``H``-step chunk, execute ``Ta`` actions, replan.
+
+    Args:
+        policy: any object with ``predict(obs: {key: Tensor (B, To, ...)}, num_steps=None,
+            generator=None) -> (B, H, Da)`` and attributes ``horizon``, ``n_obs_steps``,
+            ``n_action_steps``, ``obs_keys``. It is called with raw observations (images uint8).
+        n_envs: environments served; every array passed to :meth:`act` has this leading size.
+        smoothing: ``none``, ``ensemble`` or ``blend`` (module docstring).
+        ensemble_k: the ``k`` of the ensembling weights.
+        n_action_steps: override the policy's ``Ta`` (e.g. 1 for ACT-style ensembling).
+        num_inference_steps: passed to ``predict`` as ``num_steps`` (None = the policy's default).
+        generator: shared sampler generator for environments without their own (see
+            :meth:`reset`).
+        device: where observations go before ``predict`` (default: the policy's parameters' device).
+    """
+
+    def __init__(self, policy, n_envs: int = 1, smoothing: str = "none", ensemble_k: float = 0.01,
+                 n_action_steps: int | None = None, num_inference_steps: int | None = None,
+                 generator: torch.Generator | None = None, device: str | torch.device | None = None):
+        if smoothing not in SMOOTHING:
+            raise ValueError(f"smoothing={smoothing!r}: expected one of {SMOOTHING}")
+        if n_envs < 1:
+            raise ValueError(f"n_envs must be >= 1, got {n_envs}")
+        self.policy = policy
+        self.n_envs = n_envs
+        self.smoothing = smoothing
+        self.ensemble_k = float(ensemble_k)
+        self.horizon = int(policy.horizon)
+        self.n_obs_steps = int(policy.n_obs_steps)
+        self.n_action_steps = int(n_action_steps or policy.n_action_steps)
+        n_exec = self.horizon - self.n_obs_steps + 1  # usable actions per chunk
+        if not 1 <= self.n_action_steps <= n_exec:
+            raise ValueError(f"n_action_steps (Ta={self.n_action_steps}) must be in [1, H - To + 1 = "
+                             f"{n_exec}] (H={self.horizon}, To={self.n_obs_steps})")
+        self.obs_keys = list(policy.obs_keys)
+        self.num_inference_steps = num_inference_steps
+        self.generator = generator
+        self.device = torch.device(device) if device is not None else _policy_device(policy)
+        self.latencies_ms: list[float] = []  # wall time of every predict call
+        self.batch_sizes: list[int] = []  # rows of every predict call
+        self._envs = [self._fresh() for _ in range(n_envs)]
+
+    # ------------------------------------------------------------------------------ episodes
+    def _fresh(self, generator: torch.Generator | None = None) -> _EnvState:
+        return _EnvState(history=deque(maxlen=self.n_obs_steps), generator=generator)
+
+    def reset(self, env_ids=None, generator: torch.Generator | None = None) -> None:
+        """Forget the episode of the given environments (all by default) before their next one.
+
+        ``generator``: a sampler generator for these environments' next episode. Environments with
+        their own generator are predicted one row at a time, so what they sample does not depend
+        on which other environments happen to replan at the same step.
+        """
+        ids = range(self.n_envs) if env_ids is None else np.atleast_1d(env_ids).tolist()
+        for i in ids:
+            self._envs[int(i)] = self._fresh(generator)
+
+    # ------------------------------------------------------------------------------ acting
+    def act(self, obs: dict, active=None) -> np.ndarray:
+        """One control step. ``obs``: ``{key: array (n_envs, ...)}`` newest observations.
+
+        ``active``: optional bool mask (n_envs,); inactive environments are neither observed nor
+        planned for, and their rows of the result are NaN. Returns actions ``(n_envs, Da)``.
+        """
+        active = np.ones(self.n_envs, bool) if active is None else np.asarray(active, bool)
+        missing = [k for k in self.obs_keys if k not in obs]
+        if missing:
+            raise KeyError(f"observation lacks keys {missing} the policy conditions on "
+                           f"(got {sorted(obs)})")
+        ids = np.flatnonzero(active)
+        for i in ids:
+            st = self._envs[i]
+            frame = {k: np.asarray(obs[k][i]) for k in self.obs_keys}
+            if not st.history:  # episode start: repeat the first observation To times
+                st.history.extend([frame] * self.n_obs_steps)
+            else:
+                st.history.append(frame)
+        replan = [i for i in ids if self._needs_plan(self._envs[i])]
+        if replan:
+            self._plan(replan)
+        actions = None
+        for i in ids:
+            a = self._action(self._envs[i])
+            if actions is None:
+                actions = np.full((self.n_envs, a.shape[-1]), np.nan, dtype=np.float32)
+            actions[i] = a
+            self._envs[i].step += 1
+        if actions is None:
+            raise ValueError("act: no active environment")
+        return actions
+
+    def _needs_plan(self, st: _EnvState) -> bool:
+        return not st.chunks or st.step - st.chunks[-1][0] >= self.n_action_steps
+
+    def _plan(self, ids: list) -> None:
+        """Predict chunks for environments ``ids``; one batched call for those sharing the common
+        generator, one call each for those with their own."""
+        shared = [i for i in ids if self._envs[i].generator is None]
+        groups = ([(shared, self.generator)] if shared else []) + [
+            ([i], self._envs[i].generator) for i in ids if self._envs[i].generator is not None]
+        for rows, gen in groups:
+            chunks = self._predict(rows, gen)  # (B, H, Da)
+            for row, i in enumerate(rows):
+                self._add_chunk(self._envs[i], chunks[row, self.n_obs_steps - 1:])
+
+    def _predict(self, rows: list, generator) -> np.ndarray:
+        batch = {}
+        for k in self.obs_keys:
+            # (B, To, ...) in raw units; images stay uint8 for the policy's normalizer
+            arr = np.stack([np.stack([f[k] for f in self._envs[i].history]) for i in rows])
+            batch[k] = torch.from_numpy(arr).to(self.device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.policy.predict(batch, num_steps=self.num_inference_steps,
+                                      generator=generator)
+            out = out.detach().float().cpu().numpy() if torch.is_tensor(out) else np.asarray(out)
+        self.latencies_ms.append((time.perf_counter() - t0) * 1e3)
+        self.batch_sizes.append(len(rows))
+        if out.ndim != 3 or out.shape[:2] != (len(rows), self.horizon):
+            raise ValueError(f"policy.predict returned shape {out.shape}, expected "
+                             f"({len(rows)}, H={self.horizon}, Da)")
+        return out
+
+    def _add_chunk(self, st: _EnvState, exec_part: np.ndarray) -> None:
+        """Store the executable part (chunk[To-1:], acting from the current step on)."""
+        exec_part = exec_part.astype(np.float64)
+        if self.smoothing == "blend" and st.chunks:
+            start, prev = st.chunks[-1]
+            old = prev[st.step - start:]  # previous plan's predictions for steps >= now
+            exec_part = blend_chunks(old[:len(exec_part)], exec_part)
+        if self.smoothing != "ensemble":
+            st.chunks.clear()  # only the newest plan is executed
+        st.chunks.append((st.step, exec_part))
+
+    def _action(self, st: _EnvState) -> np.ndarray:
+        t = st.step
+        if self.smoothing == "ensemble":
+            # drop chunks that no longer reach the current step, then average the rest (oldest first)
+            st.chunks[:] = [(s, c) for s, c in st.chunks if t - s < len(c)]
+            preds = np.stack([c[t - s] for s, c in st.chunks])
+            w = ensemble_weights(len(preds), self.ensemble_k)
+            return (w[:, None] * preds).sum(0).astype(np.float32)
+        start, chunk = st.chunks[-1]
+        return chunk[t - start].astype(np.float32)
+
+    # ------------------------------------------------------------------------------ metrics
+    def latency_stats(self) -> dict:
+        """p50/p99/mean of the predict calls so far, in milliseconds."""
+        if not self.latencies_ms:
+            return {"latency_p50_ms": None, "latency_p99_ms": None, "latency_mean_ms": None,
+                    "predict_calls": 0}
+        lat = np.asarray(self.latencies_ms)
+        return {"latency_p50_ms": float(np.percentile(lat, 50)),
+                "latency_p99_ms": float(np.percentile(lat, 99)),
+                "latency_mean_ms": float(lat.mean()), "predict_calls": int(len(lat))}
+
+
+def _policy_device(policy) -> torch.device:
+    try:
+        return next(iter(policy.parameters())).device
+    except (AttributeError, StopIteration, TypeError):
+        return torch.device("cpu")

@@ -15,7 +15,16 @@ if "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
     os.environ["MUJOCO_GL"] = "egl"
 
 import gymnasium as gym  # noqa: E402
-import mujoco  # noqa: E402
+
+try:
+    import mujoco  # noqa: E402
+except (ImportError, AttributeError, OSError) as e:  # mujoco loads the MUJOCO_GL backend on import
+    if "MUJOCO_GL" not in os.environ:
+        raise
+    raise ImportError(
+        f"importing mujoco failed with MUJOCO_GL={os.environ['MUJOCO_GL']!r} ({type(e).__name__}: "
+        f"{e}): that OpenGL backend could not be loaded. Headless machines need MUJOCO_GL=egl with "
+        f"libEGL installed (apt install libegl1 libgl1), or MUJOCO_GL=osmesa with libOSMesa.") from e
 import numpy as np  # noqa: E402
 from gymnasium import spaces  # noqa: E402
 

@@ -217,6 +217,12 @@ class EvalConfig:
     num_inference_steps: Optional[int] = None
     """Override the sampler's steps."""
     max_episode_steps: Optional[int] = None
+    """Override the task's episode length limit."""
+    smoothing: str = "none"
+    """Across action chunks: ``none``, ``ensemble`` (ACT temporal ensembling) or ``blend`` (ramp
+    the overlap of the old chunk into the new one); see diffusion_policy/control/controller.py."""
+    ensemble_k: float = 0.01
+    """Temporal ensembling weight ``exp(-k i)``, ``i = 0`` the oldest prediction (ACT)."""
 
 
 def register_configs() -> None:

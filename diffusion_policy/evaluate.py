@@ -153,15 +153,16 @@ def _env_info(infos: dict, i: int) -> dict:
 class PolicyActor:
     """A policy behind the receding-horizon controller; one sampler generator per episode."""
 
-    def __init__(self, policy, n_envs, device, num_inference_steps=None, smoothing="none"):
+    def __init__(self, policy, n_envs, device, num_inference_steps=None, smoothing="none",
+                 ensemble_k=0.01):
         import torch
 
         from diffusion_policy.control import RecedingHorizonController
 
         self._torch, self.device = torch, device
         self.controller = RecedingHorizonController(
-            policy, n_envs, smoothing=smoothing, num_inference_steps=num_inference_steps,
-            device=device)
+            policy, n_envs, smoothing=smoothing, ensemble_k=ensemble_k,
+            num_inference_steps=num_inference_steps, device=device)
 
     def begin(self, i, seed, env=None):
         gen = self._torch.Generator(device=self.device).manual_seed(int(seed))
@@ -344,7 +345,8 @@ def _default_n_envs(n_episodes: int) -> int:
 
 
 def evaluate(cfg: EvalConfig) -> dict:
-    """Run ``cfg.episodes`` episodes and write the report; returns the metrics (on every rank)."""
+    """Run ``cfg.episodes`` episodes and write the report under ``cfg.out``. Returns the metrics
+    on rank 0 and ``{}`` on the other ranks."""
     if cfg.episodes < 1:
         raise EvalError(f"episodes must be >= 1, got {cfg.episodes}")
     if not 0 <= cfg.seed <= SEED_RANGE - cfg.episodes:
@@ -354,7 +356,6 @@ def evaluate(cfg: EvalConfig) -> dict:
     t_start = time.time()
     given_task = _task_from(cfg.task) if cfg.task is not None else None
 
-    policy = None
     if cfg.checkpoint == "expert":
         if given_task is None:
             raise EvalError("checkpoint=expert needs task=<name> (the task whose expert to run)")
@@ -376,39 +377,32 @@ def evaluate(cfg: EvalConfig) -> dict:
                                 f"task={given_task.name!r}")
             task = given_task  # same task, possibly other env settings (checked below)
     max_steps = cfg.max_episode_steps or task.max_episode_steps
+    smoothing = cfg.smoothing
+    from diffusion_policy.control import SMOOTHING
+
+    if smoothing not in SMOOTHING:
+        raise EvalError(f"smoothing={smoothing!r} is not allowed; expected one of {', '.join(SMOOTHING)}")
 
     device = _device(cfg.device, rank)
-    n_mine = len(range(rank, cfg.episodes, world))
-    n_envs = 1 if cfg.checkpoint == "expert" else (cfg.n_envs or _default_n_envs(n_mine))
-    n_envs = max(1, min(n_envs, n_mine))
-    if cfg.checkpoint != "expert":
-        import torch
-
-        from diffusion_policy.policy import Policy
-
-        try:
-            policy = Policy.load(policy_dir, device=device)
-        except Exception as e:
-            raise EvalError(f"checkpoint {label}: cannot load {policy_dir} "
-                            f"({type(e).__name__}: {' '.join(str(e).split())})") from None
-        if hasattr(policy, "eval"):
-            policy.eval()
-        torch.manual_seed(EVAL_SEED_BASE + cfg.seed)
-
-    out = Path(cfg.out or Path("rollouts") / task.name / label)
-    episodes = list(range(rank, cfg.episodes, world))
+    episodes = list(range(rank, cfg.episodes, world))  # this rank's share of the seeds
     seeds = [EVAL_SEED_BASE + cfg.seed + i for i in episodes]
+    n_envs = 1 if cfg.checkpoint == "expert" else (cfg.n_envs or _default_n_envs(len(episodes)))
+    n_envs = max(1, min(n_envs, len(episodes)))
+    out = Path(cfg.out or Path("rollouts") / task.name / label)
     part = {"rank": rank, "records": [], "latencies_ms": []}
     if episodes:
         vec = make_vector_env(task, n_envs, max_steps, render=True)
         try:
-            if policy is not None:
-                check_compatible(label, task, policy.obs_keys, _shapes(policy, policy_dir),
-                                 vec.single_observation_space)
-                actor = PolicyActor(policy, n_envs, device, cfg.num_inference_steps,
-                                    getattr(cfg, "smoothing", "none"))
-            else:
+            if cfg.checkpoint == "expert":
                 actor = ExpertActor(task.expert, n_envs)
+            else:
+                # compare with the env before loading any weights: the checkpoint's own task
+                # says which keys and shapes its policy was trained on
+                check_compatible(label, task, saved["task"].get("obs_keys", []),
+                                 saved.get("shapes"), vec.single_observation_space)
+                policy = _load_policy(policy_dir, label, device)
+                actor = PolicyActor(policy, n_envs, device, cfg.num_inference_steps, smoothing,
+                                    cfg.ensemble_k)
             records, frames, finals = rollout(actor, vec, episodes, seeds, videos=cfg.videos)
         finally:
             vec.close()
@@ -424,7 +418,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             "seed": cfg.seed, "seed_base": EVAL_SEED_BASE, "world_size": world, "n_envs": n_envs,
             "device": device, "max_episode_steps": max_steps,
             "num_inference_steps": cfg.num_inference_steps,
-            "smoothing": getattr(cfg, "smoothing", "none"), "expert": cfg.checkpoint == "expert"}
+            "smoothing": smoothing, "expert": cfg.checkpoint == "expert"}
     if rank != 0:
         return {}
     records = sorted((r for p in parts for r in p["records"]), key=lambda r: r["episode"])
@@ -435,14 +429,19 @@ def evaluate(cfg: EvalConfig) -> dict:
     return metrics
 
 
-def _shapes(policy, policy_dir: Path) -> dict | None:
-    shapes = getattr(policy, "shapes", None)
-    if shapes is None:
-        try:
-            shapes = json.loads((policy_dir / "config.json").read_text()).get("shapes")
-        except (OSError, ValueError):
-            shapes = None
-    return {k: tuple(v) for k, v in shapes.items()} if shapes else None
+def _load_policy(policy_dir: Path, label: str, device: str):
+    import torch
+
+    from diffusion_policy.policy import Policy
+
+    try:
+        policy = Policy.load(policy_dir, device=device)
+    except Exception as e:  # a corrupt or foreign checkpoint: one line, naming it
+        raise EvalError(f"checkpoint {label}: cannot load {policy_dir} "
+                        f"({type(e).__name__}: {' '.join(str(e).split())})") from None
+    policy.eval()
+    torch.manual_seed(0)  # sampling uses per-episode generators; this covers anything else
+    return policy
 
 
 def _gather(out: Path, rank: int, world: int, part: dict, t_start: float) -> list | None:

@@ -11,23 +11,14 @@ importable module (external suites, see ``envs/external.py``).
 from __future__ import annotations
 
 from envs.experts.avoid import AvoidExpert
+from envs.experts.pickplace import PickPlaceExpert
+from envs.experts.pusht import PushTExpert
 
 EXPERTS: dict[str, type] = {
     "avoid": AvoidExpert,
+    "pickplace": PickPlaceExpert,
+    "pusht": PushTExpert,
 }
-
-try:  # written alongside; absent while they are not there yet
-    from envs.experts.pusht import PushTExpert
-
-    EXPERTS["pusht"] = PushTExpert
-except ImportError:
-    pass
-try:
-    from envs.experts.pickplace import PickPlaceExpert
-
-    EXPERTS["pickplace"] = PickPlaceExpert
-except ImportError:
-    pass
 
 
 def make_expert(name: str):

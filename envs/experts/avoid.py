@@ -40,6 +40,11 @@ class AvoidExpert:
     def reset(self, env, rng: np.random.Generator) -> None:
         u = env.unwrapped
         start, goal, obstacle = u.agent_pos, u.goal_pos, u.obstacle_pos
+        # A caller may seed ``rng`` with the env's own seed (np.random.default_rng(seed) is what
+        # gymnasium seeds ``np_random`` with): the coin would then repeat the env's first draw,
+        # the start x, and the route would follow from the start state instead of being a free
+        # choice. Re-seeding from a hash of one draw makes the two streams independent.
+        rng = np.random.default_rng([int(rng.integers(2**62)), 0xA70])
         coin = 1 if rng.random() < 0.5 else -1  # drawn even when fixed: same rng stream either way
         self.side = self.fixed_side or coin
         via = obstacle + np.array([self.side * rng.uniform(*VIA_OFFSET),

@@ -1,9 +1,20 @@
-"""Demonstration data: the Zarr episode store, training windows and normalizers."""
-from diffusion_policy.data.normalize import Normalizer
-from diffusion_policy.data.store import EpisodeStore, LazyArray, StoreError, validate_store
-from diffusion_policy.data.windows import (WindowDataset, WindowSampler, collate_windows,
-                                           make_datasets, make_loader, split_episodes)
+"""Demonstration data: the Zarr episode store, training windows and normalizers.
 
-__all__ = ["EpisodeStore", "LazyArray", "StoreError", "validate_store", "WindowSampler",
-           "WindowDataset", "collate_windows", "make_datasets", "make_loader", "split_episodes",
-           "Normalizer"]
+Names are imported on first use (PEP 562), so ``import diffusion_policy.data.store`` (the collection
+workers, ``dp-data``) does not pay for importing torch.
+"""
+import importlib
+
+_EXPORTS = {
+    "EpisodeStore": "store", "LazyArray": "store", "StoreError": "store", "validate_store": "store",
+    "WindowSampler": "windows", "WindowDataset": "windows", "collate_windows": "windows",
+    "make_datasets": "windows", "make_loader": "windows", "split_episodes": "windows",
+    "Normalizer": "normalize",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -14,7 +14,7 @@ policy also predicts.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -118,11 +118,29 @@ def _to_torch(x) -> torch.Tensor:
     return x.float() if x.is_floating_point() and x.dtype != torch.float32 else x
 
 
+class WindowBatch(Sequence):
+    """What ``WindowDataset.__getitems__`` returns: the gathered batch in ``.batch``, and also a
+    sequence of per-window dicts (made only on access) so that a DataLoader with the default
+    ``collate_fn`` still works, at the price of re-stacking. :func:`collate_windows` returns
+    ``.batch`` as is."""
+
+    def __init__(self, batch: dict):
+        self.batch = batch
+
+    def __len__(self) -> int:
+        return len(self.batch["action"])
+
+    def __getitem__(self, i: int) -> dict:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return {"obs": {k: v[i] for k, v in self.batch["obs"].items()}, "action": self.batch["action"][i]}
+
+
 def collate_windows(batch):
-    """``collate_fn`` for a DataLoader over :class:`WindowDataset`: batches made by
-    ``__getitems__`` pass through; a list of single windows is stacked."""
-    if isinstance(batch, dict):
-        return batch
+    """``collate_fn`` for a DataLoader over :class:`WindowDataset`: a :class:`WindowBatch` passes
+    through without re-stacking; a list of single windows is stacked."""
+    if isinstance(batch, WindowBatch):
+        return batch.batch
     return torch.utils.data.default_collate(batch)
 
 
@@ -142,13 +160,13 @@ class WindowDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def __getitems__(self, indices: Sequence[int]) -> dict:
+    def __getitems__(self, indices: Sequence[int]) -> WindowBatch:
         b = self.sampler.gather(self.arrays, indices, self.obs_keys, self.action_key)
-        return {"obs": {k: _to_torch(v) for k, v in b["obs"].items()}, "action": _to_torch(b["action"])}
+        return WindowBatch({"obs": {k: _to_torch(v) for k, v in b["obs"].items()},
+                            "action": _to_torch(b["action"])})
 
     def __getitem__(self, i: int) -> dict:
-        b = self.__getitems__([i])
-        return {"obs": {k: v[0] for k, v in b["obs"].items()}, "action": b["action"][0]}
+        return self.__getitems__([i])[0]
 
 
 def make_loader(dataset: WindowDataset, batch_size: int, shuffle: bool = True,

@@ -165,3 +165,26 @@ def test_own_generators_make_rows_independent_of_the_batch():
         a2 = pair.act(_obs([t, t]))
         np.testing.assert_array_equal(a1[0], a2[1])
     assert alone.latency_stats()["predict_calls"] == 3
+    # torch.randn refuses a list of generators: the controller fell back to one call per row
+    assert pair._generator_lists is False and set(pair.batch_sizes) == {1}
+
+
+def test_generator_lists_batch_rows_when_the_policy_takes_them():
+    """A policy whose sampler accepts a list of generators (diffusers' randn_tensor) is called
+    once for all rows, and each row still equals what its own generator gives alone."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    class ListPolicy(IndexPolicy):
+        def predict(self, obs, num_steps=None, generator=None):
+            self.calls.append(obs["state"].shape[0])
+            return randn_tensor((obs["state"].shape[0], self.horizon, 2), generator=generator)
+
+    pol = ListPolicy(horizon=8, n_obs_steps=2, n_action_steps=4)
+    pair = RecedingHorizonController(pol, 2)
+    pair.reset([0], generator=torch.Generator().manual_seed(3))
+    pair.reset([1], generator=torch.Generator().manual_seed(7))
+    alone = RecedingHorizonController(pol, 1)
+    alone.reset(generator=torch.Generator().manual_seed(7))
+    for t in range(5):
+        np.testing.assert_array_equal(pair.act(_obs([t, t]))[1], alone.act(_obs([t]))[0])
+    assert pair.batch_sizes == [2, 2] and pair._generator_lists is True

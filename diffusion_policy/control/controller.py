@@ -118,6 +118,7 @@ class RecedingHorizonController:
         self.device = torch.device(device) if device is not None else _policy_device(policy)
         self.latencies_ms: list[float] = []  # wall time of every predict call
         self.batch_sizes: list[int] = []  # rows of every predict call
+        self._generator_lists: bool | None = None  # does predict take a list of generators?
         self._envs = [self._fresh() for _ in range(n_envs)]
 
     # ------------------------------------------------------------------------------ episodes
@@ -173,15 +174,37 @@ class RecedingHorizonController:
         return not st.chunks or st.step - st.chunks[-1][0] >= self.n_action_steps
 
     def _plan(self, ids: list) -> None:
-        """Predict chunks for environments ``ids``; one batched call for those sharing the common
-        generator, one call each for those with their own."""
+        """Predict chunks for environments ``ids``.
+
+        Those sharing the common generator go in one batched call. Those with their own generator
+        go in one call with the list of generators when the policy accepts that (diffusers'
+        ``randn_tensor`` draws row ``b`` from ``generator[b]``), else one call each; either way
+        a row's noise comes from its own generator only.
+        """
         shared = [i for i in ids if self._envs[i].generator is None]
-        groups = ([(shared, self.generator)] if shared else []) + [
-            ([i], self._envs[i].generator) for i in ids if self._envs[i].generator is not None]
+        own = [i for i in ids if self._envs[i].generator is not None]
+        groups = [(shared, self.generator)] if shared else []
+        if len(own) > 1 and self._generator_lists is not False:
+            gens = [self._envs[i].generator for i in own]
+            states = [g.get_state() for g in gens]
+            try:
+                chunks = self._predict(own, gens)
+                self._generator_lists = True
+                self._store(own, chunks)
+                own = []
+            except (TypeError, ValueError, RuntimeError):
+                if self._generator_lists:  # lists worked before: this is a real error
+                    raise
+                self._generator_lists = False
+                for g, st in zip(gens, states):
+                    g.set_state(st)
+        groups += [([i], self._envs[i].generator) for i in own]
         for rows, gen in groups:
-            chunks = self._predict(rows, gen)  # (B, H, Da)
-            for row, i in enumerate(rows):
-                self._add_chunk(self._envs[i], chunks[row, self.n_obs_steps - 1:])
+            self._store(rows, self._predict(rows, gen))
+
+    def _store(self, rows: list, chunks: np.ndarray) -> None:
+        for row, i in enumerate(rows):  # chunks (B, H, Da); executed part starts at To-1
+            self._add_chunk(self._envs[i], chunks[row, self.n_obs_steps - 1:])
 
     def _predict(self, rows: list, generator) -> np.ndarray:
         batch = {}

@@ -184,7 +184,9 @@ class ExpertActor:
         self.experts = [make_expert(name) for _ in range(n_envs)]
 
     def begin(self, i, seed, env=None):
-        self.experts[i].reset(env, np.random.default_rng(int(seed)))
+        from diffusion_policy.collect import EXPERT_STREAM  # the same expert stream as dp-collect
+
+        self.experts[i].reset(env, np.random.default_rng([int(seed), EXPERT_STREAM]))
 
     def act(self, obs, active, vec_env=None):
         acts = [np.asarray(self.experts[i].act(vec_env.envs[i]), np.float32) if active[i] else None

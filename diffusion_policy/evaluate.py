@@ -14,7 +14,9 @@ and any number of ranks (tests/test_eval_e2e.py checks this).
 
 Environments run in ``AsyncVectorEnv`` worker processes started with ``forkserver``/``spawn``
 (a forked OpenGL context crashes MuJoCo's renderer, DP issue #76); ``n_envs=1`` and the expert
-run in-process. Policy inference is batched over the environments that replan at the same step.
+run in-process. Environments that replan at the same step share one ``predict`` call when the
+policy's sampler accepts a list of generators (one per row, as diffusers' ``randn_tensor`` does);
+otherwise each gets its own call, which keeps the per-episode noise exact (see the controller).
 Under ``torchrun`` rank ``r`` runs episodes ``r, r + W, ...``, writes ``parts/rank<r>.json`` (or
 gathers over torch.distributed when it is initialized) and rank 0 merges and writes the report.
 """

@@ -476,6 +476,10 @@ def _gather(out: Path, rank: int, world: int, part: dict, t_start: float) -> lis
     parts = [json.loads(p.read_text()) for p in paths]
     for p in paths:
         p.unlink()
+    try:
+        pdir.rmdir()
+    except OSError:  # something else is in there: leave it
+        pass
     return parts
 
 

@@ -81,6 +81,9 @@ class ExternalEnv(gym.Wrapper):
         reward: ``success`` (1.0 on success, else 0.0: in [0, 1] like the tasks here) or ``env``
             (the env's own reward). The env's reward is always in ``info["env_reward"]``.
         flip_vertical: turn rendered frames upside down (for suites whose cameras render them so).
+        bounded: keep the declared bounds of low-dimensional observations (as float32); False
+            declares them unbounded, for suites whose observations leave their own bounds
+            (MetaWorld's do, and an observation outside its space fails Gymnasium's checker).
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class ExternalEnv(gym.Wrapper):
         terminate_on_success: bool = True,
         reward: str = "success",
         flip_vertical: bool = False,
+        bounded: bool = True,
     ):
         super().__init__(env)
         if obs_mode not in ("state", "image"):
@@ -106,17 +110,21 @@ class ExternalEnv(gym.Wrapper):
         self.obs_mode, self.image_size, self.terminate_on_success = obs_mode, image_size, terminate_on_success
         self.reward_mode, self.flip_vertical = reward, flip_vertical
         self.obs_slices = {k: tuple(v) for k, v in (obs_slices or {}).items()}
-        # Declared bounds are dropped: suites' observations do leave them (MetaWorld's do), and
-        # an observation outside its own space fails Gymnasium's checker.
         leaves = _flatten_space(env.observation_space)
-        obs_space = {k: spaces.Box(-np.inf, np.inf, shape=b.shape, dtype=np.float32) for k, b in leaves.items()}
+
+        def box(b: spaces.Box, sl=slice(None)) -> spaces.Box:
+            if not bounded:
+                return spaces.Box(-np.inf, np.inf, shape=b.low[sl].shape, dtype=np.float32)
+            return spaces.Box(b.low[sl].astype(np.float32), b.high[sl].astype(np.float32), dtype=np.float32)
+
+        obs_space = {k: box(b) for k, b in leaves.items()}
         for name, (start, stop) in self.obs_slices.items():
             if "state" not in leaves or len(leaves["state"].shape) != 1:
                 raise ValueError(f"ExternalEnv: obs_slices need a flat Box observation ('state'), got keys {list(leaves)}")
             if name in obs_space or not 0 <= start < stop <= leaves["state"].shape[0]:
                 raise ValueError(f"ExternalEnv: obs_slices[{name!r}] = [{start}, {stop}] is not a new key "
                                  f"and a slice of state (dim {leaves['state'].shape[0]})")
-            obs_space[name] = spaces.Box(-np.inf, np.inf, shape=(stop - start,), dtype=np.float32)
+            obs_space[name] = box(leaves["state"], slice(start, stop))
         if obs_mode == "image":
             if "image" in obs_space:
                 raise ValueError("ExternalEnv: the env already has an observation key 'image'")
@@ -236,6 +244,7 @@ def make_metaworld(task: str, obs_mode: str = "state", image_size: int = 96, ren
     env.unwrapped.model.vis.quality.offsamples = 0
     wrapper_kwargs.setdefault("obs_slices", {"agent_pos": [0, 4]})
     wrapper_kwargs.setdefault("flip_vertical", True)  # MetaWorld's cameras render upside down
+    wrapper_kwargs.setdefault("bounded", False)  # its observations leave its declared bounds
     return ExternalEnv(MetaWorldSeeding(env), obs_mode=obs_mode, image_size=image_size, **wrapper_kwargs)
 
 

@@ -119,3 +119,17 @@ def test_registry():
     assert "avoid" in EXPERTS
     with pytest.raises(KeyError, match="unknown expert"):
         make_expert("no-such-expert")
+
+
+def test_route_is_independent_of_the_start_even_with_the_env_seed():
+    # Seeding the expert with the env's own seed must not tie the route to the initial state.
+    env = gym.make("dp/Avoid-v0")
+    expert = make_expert("avoid")
+    rows = []
+    for seed in range(300):
+        obs, _ = env.reset(seed=seed)
+        expert.reset(env, np.random.default_rng(seed))
+        rows.append([*obs["state"], expert.side])
+    rows = np.array(rows)
+    corr = [abs(np.corrcoef(rows[:, i], rows[:, -1])[0, 1]) for i in range(6)]
+    assert max(corr) < 0.2, corr

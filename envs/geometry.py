@@ -144,56 +144,61 @@ def inflate_convex(poly: np.ndarray, margin: float, arc_points: int = 3) -> np.n
 def segment_hits_convex(p: np.ndarray, q: np.ndarray, poly: np.ndarray) -> bool:
     """Whether the open segment p-q passes through the interior of the convex CCW ``poly``
     (Cyrus–Beck clipping of the segment against each edge's half-plane)."""
-    t0, t1 = 0.0, 1.0
+    e = np.roll(poly, -1, axis=0) - poly
     d = q - p
-    for i in range(len(poly)):
-        a, b = poly[i], poly[(i + 1) % len(poly)]
-        e = b - a
-        num = e[0] * (p[1] - a[1]) - e[1] * (p[0] - a[0])  # > 0: p inside this edge's half-plane
-        den = e[0] * d[1] - e[1] * d[0]
-        if abs(den) < 1e-12:
-            if num <= 0:
-                return False
-            continue
-        t = -num / den
-        if den > 0:
-            t0 = max(t0, t)
-        else:
-            t1 = min(t1, t)
-        if t1 - t0 <= 1e-9:
-            return False
-    return True
+    num = e[:, 0] * (p[1] - poly[:, 1]) - e[:, 1] * (p[0] - poly[:, 0])  # > 0: p inside edge i
+    den = e[:, 0] * d[1] - e[:, 1] * d[0]
+    par = np.abs(den) < 1e-12
+    if np.any(par & (num <= 0)):
+        return False
+    t = -num[~par] / den[~par]
+    dn = den[~par]
+    t0 = max(0.0, float(t[dn > 0].max(initial=0.0)))
+    t1 = min(1.0, float(t[dn < 0].min(initial=1.0)))
+    return t1 - t0 > 1e-9
 
 
 def path_around(p: np.ndarray, q: np.ndarray, poly: np.ndarray) -> list[np.ndarray]:
     """Shortest polyline from p to q that avoids the interior of the convex CCW ``poly``: the
-    waypoints after p (ending with q). Both ends must lie outside ``poly``."""
+    waypoints after p (ending with q). Both ends must lie outside ``poly``.
+
+    The path leaves p at one of its two tangent vertices, follows the boundary and reaches q from
+    one of q's tangent vertices; both ways round are tried and the shorter is kept."""
     if not segment_hits_convex(p, q, poly):
         return [q]
-    best, best_len = None, np.inf
     n = len(poly)
-    # Walk the boundary both ways between the vertices visible from p and from q.
+    e = np.roll(poly, -1, axis=0) - poly
+
+    def visible(x):  # edge i (poly[i] -> poly[i+1]) faces x
+        return e[:, 0] * (x[1] - poly[:, 1]) - e[:, 1] * (x[0] - poly[:, 0]) < 0
+
+    vis_p, vis_q = visible(p), visible(q)
+    if not vis_p.any() or not vis_q.any():
+        return [q]  # an end inside the polygon: no detour helps
+    vq_vertex = vis_q | np.roll(vis_q, 1)  # vertex k is seen from q through edge k or k-1
+    best, best_len = [q], np.inf
     for step in (1, -1):
-        for i in range(n):
-            if segment_hits_convex(p, poly[i], poly):
-                continue
-            path, j = [poly[i]], i
-            for _ in range(n):
-                if not segment_hits_convex(poly[j], q, poly):
-                    break
-                j = (j + step) % n
-                path.append(poly[j])
-            else:
-                continue
-            pts = [p] + path + [q]
-            length = sum(np.linalg.norm(pts[k + 1] - pts[k]) for k in range(len(pts) - 1))
-            if length < best_len:
-                best, best_len = path + [q], length
-    return best if best is not None else [q]
+        # CCW: leave at the end of p's visible chain; CW: at its start.
+        prev = np.roll(vis_p, 1)
+        tangents = np.flatnonzero(prev & ~vis_p) if step == 1 else np.flatnonzero(~prev & vis_p)
+        if len(tangents) == 0:
+            continue
+        k = int(tangents[0])
+        path = [poly[k]]
+        for _ in range(n):
+            if vq_vertex[k]:
+                break
+            k = (k + step) % n
+            path.append(poly[k])
+        pts = [p] + path + [q]
+        length = polyline_length(pts)
+        if length < best_len:
+            best, best_len = path + [q], length
+    return best
 
 
 def polyline_length(points: list[np.ndarray]) -> float:
-    return float(sum(np.linalg.norm(points[k + 1] - points[k]) for k in range(len(points) - 1)))
+    return float(np.linalg.norm(np.diff(np.asarray(points), axis=0), axis=1).sum())
 
 
 def point_polygon_distance(point: np.ndarray, poly: np.ndarray) -> float:
@@ -209,9 +214,5 @@ def point_polygon_distance(point: np.ndarray, poly: np.ndarray) -> float:
 
 
 def inside_convex(point: np.ndarray, poly: np.ndarray) -> bool:
-    for i in range(len(poly)):
-        a, b = poly[i], poly[(i + 1) % len(poly)]
-        e = b - a
-        if e[0] * (point[1] - a[1]) - e[1] * (point[0] - a[0]) < 0:
-            return False
-    return True
+    e = np.roll(poly, -1, axis=0) - poly
+    return bool(np.all(e[:, 0] * (point[1] - poly[:, 1]) - e[:, 1] * (point[0] - poly[:, 0]) >= 0))

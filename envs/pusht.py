@@ -43,7 +43,7 @@ class PushTEnv(gym.Env):
     ## Action Space
     ``Box(-0.25, 0.25, (2,), float32)``: the target position (m) of the pusher in the arena. A
     position servo tracks a setpoint that moves towards the target at up to ``max_speed`` m/s
-    (0.3 by default), i.e. up to 3 cm per 0.1 s control step.
+    (0.4 by default), i.e. up to 4 cm per 0.1 s control step.
 
     ## Observation Space
     A ``Dict`` of float32 / uint8 boxes chosen by ``obs_mode``:
@@ -74,7 +74,7 @@ class PushTEnv(gym.Env):
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
 
     def __init__(self, obs_mode: str = "state", render_mode: str | None = None,
-                 render_size: int = 256, image_size: int = 96, max_speed: float = 0.3):
+                 render_size: int = 256, image_size: int = 96, max_speed: float = 0.4):
         if obs_mode not in ("state", "keypoints", "image"):
             raise ValueError(f"PushTEnv: obs_mode must be 'state', 'keypoints' or 'image', "
                              f"got {obs_mode!r}")

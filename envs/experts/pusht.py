@@ -61,7 +61,9 @@ class PushTExpert:
         self.pieces = geometry.t_pieces(u.unit)
         self.outline = geometry.t_outline(u.unit)
         self.hull = geometry.convex_hull(self.outline)
-        self.hull_travel = geometry.inflate_convex(self.hull, self.radius + MARGIN)
+        # Travel clearance varies per episode: routes around the block differ between episodes.
+        margin = MARGIN * rng.uniform(1.0, 1.8)
+        self.hull_travel = geometry.inflate_convex(self.hull, self.radius + margin)
         self.pieces_touch = [geometry.inflate_convex(p, self.radius + 0.0015, 2) for p in self.pieces]
         # Start and entry points of every contact, block frame (fixed: computed once).
         contacts = self._contact_points(u.unit)
@@ -193,7 +195,6 @@ class PushTExpert:
         for k, (_, start_w, dir_w, _) in enumerate(cands):
             init[k, qpos0 + u._agent_qpos] = start_w
             init[k, act0:act0 + 2] = start_w
-            # Stop the setpoint at the arena's edge (the actuator's actrange would stop it anyway).
             ctrl[k, :nstep - LAG_STEPS] = dir_w * speed
         init[:, qvel0:qvel0 + u.model.nv] = 0.0
         states, _ = rollout.rollout(u.model, self._data, init, ctrl)
@@ -230,15 +231,25 @@ class PushTExpert:
         self.plan_pose = pose
 
     def _discretise(self, points: list[np.ndarray], dt: float) -> list[np.ndarray]:
-        """Per-step targets along a polyline at a random travel speed, slowing down at its end."""
-        v = self.travel_speed * self.rng.uniform(0.8, 1.05)
+        """Per-step targets every ``v * dt`` along a polyline at a random travel speed, with a
+        little noise away from its end; the last target is repeated so that the pusher arrives
+        at rest, as the simulated pushes start."""
+        pts = np.asarray(points, dtype=float)
+        seg = np.linalg.norm(np.diff(pts, axis=0), axis=1)
+        total = float(seg.sum())
+        if total < 1e-6:
+            return []
+        v = self.travel_speed * self.rng.uniform(0.8, 1.0)
+        k = int(np.ceil(total / (v * dt)))
+        cum = np.concatenate([[0.0], np.cumsum(seg)])
         out = []
-        for a, b in zip(points[:-1], points[1:]):
-            seg = float(np.linalg.norm(b - a))
-            k = int(np.ceil(seg / (v * dt)))
-            for j in range(1, k + 1):
-                out.append(a + (b - a) * j / k)
-        if out:
-            # Arrive slowly so that the pusher starts its push at rest (as simulated).
-            out.append(points[-1].copy())
+        for j in range(1, k + 1):
+            s = total * j / k
+            i = min(int(np.searchsorted(cum, s, side="right")) - 1, len(seg) - 1)
+            f = (s - cum[i]) / max(seg[i], 1e-12)
+            q = pts[i] + f * (pts[i + 1] - pts[i])
+            if total - s > 0.03:
+                q = q + self.rng.normal(0.0, 0.002, size=2)
+            out.append(q)
+        out.append(pts[-1].copy())
         return out

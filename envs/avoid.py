@@ -12,8 +12,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import mujoco
 import numpy as np
+
+try:
+    import mujoco
+except Exception as e:  # MUJOCO_GL names a backend whose libraries are missing: fails at import
+    raise ImportError(
+        f"envs.avoid: importing mujoco failed with MUJOCO_GL={os.environ.get('MUJOCO_GL')!r} ({e!r}); "
+        f"use MUJOCO_GL=egl (libegl1, libgl1, libegl-mesa0) or osmesa (libosmesa6), or unset it "
+        f"when nothing is rendered"
+    ) from e
 from gymnasium import spaces
 from gymnasium.envs.mujoco.mujoco_env import MujocoEnv
 
@@ -96,7 +104,10 @@ class AvoidEnv(MujocoEnv):
             str(ASSET), frame_skip=10, observation_space=obs_space, render_mode=render_mode,
             width=render_size, height=render_size, camera_name="top",
         )
-        self._obs_renderer = None  # created on first use, so state-only envs need no GL
+        self.render_size = render_size
+        # Renderers are made on first use, so that state-only envs without render_mode need no GL.
+        self._obs_renderer = None
+        self._render_renderer = None
         self._cam = mujoco.mj_name2id(self.model, mujoco.mjtObj.mjOBJ_CAMERA, "top")
 
     # -------------------------------------------------------------------------- simulation state
@@ -156,20 +167,18 @@ class AvoidEnv(MujocoEnv):
         return {"success": False, "collision": False}
 
     def render(self):
+        """A top-down frame of ``render_size`` pixels (``render_mode="rgb_array"``), else None."""
         if self.render_mode is None:
             return None
-        try:
-            return super().render()
-        except Exception as e:
-            if "gl" in str(e).lower() or "display" in str(e).lower():
-                raise RuntimeError(
-                    f"AvoidEnv: rendering failed ({e}); headless rendering needs MUJOCO_GL=egl "
-                    f"(libegl1, libgl1, libegl-mesa0) or MUJOCO_GL=osmesa"
-                ) from e
-            raise
+        if self._render_renderer is None:
+            self._render_renderer = _make_renderer(self.model, self.render_size, self.render_size)
+        self._render_renderer.update_scene(self.data, camera=self._cam)
+        return self._render_renderer.render().copy()
 
     def close(self):
-        if self._obs_renderer is not None:
-            self._obs_renderer.close()
-            self._obs_renderer = None
+        for name in ("_obs_renderer", "_render_renderer"):
+            renderer = getattr(self, name, None)
+            if renderer is not None:
+                renderer.close()  # explicitly: EGL contexts freed at interpreter exit raise errors
+                setattr(self, name, None)
         super().close()

@@ -1,0 +1,158 @@
+"""DDPM-family methods through diffusers' schedulers (DDPM, DDIM, DPM-Solver++).
+
+Training (Ho et al. 2020, Alg. 1): draw ``k ~ U{0..T-1}`` and ``eps ~ N(0, I)``, form
+``x_k = sqrt(abar_k) x_0 + sqrt(1 - abar_k) eps`` (eq. 4) and regress the network onto the target
+of ``prediction_type``: ``epsilon`` (eq. 14), ``sample`` (``x_0`` itself) or ``v_prediction``
+(``v = sqrt(abar) eps - sqrt(1 - abar) x_0``, Salimans & Ho 2022, sec. 4). The noise schedule and
+the forward process come from one ``DDPMScheduler``; the same betas drive every sampler.
+
+Sampling: the loop is written out (``set_timesteps`` then ``step``), as diffusers' pipelines do:
+- ``ddpm``: ancestral sampling (Ho et al. Alg. 2), ``fixed_small`` variance as in Chi et al.
+- ``ddim``: deterministic (eta = 0) DDIM (Song et al. 2021, eq. 12), few steps.
+- ``dpmsolver``: multistep DPM-Solver++ of order 2 (Lu et al. 2022, Alg. 2).
+
+Inpainting (``prefix``): before every network call the known leading actions are replaced by
+their noised version ``q(x_k | prefix)`` with the same noise the chunk started from, so that their
+trajectory is the one an exact sampler would follow for those values; at the end they are set
+exactly. This is the replacement method (Song et al. 2021 "Score-Based Generative Modeling through
+SDEs", App. I.2; Lugmayr et al. 2022 "RePaint" without resampling).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+SCHEDULERS = ("ddpm", "ddim", "dpmsolver")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+
+class DiffusionMethod:
+    """``loss(net, actions, cond)`` and ``sample(net, cond, shape, ...)`` for a DDPM-family model.
+
+    Everything is in normalized action units; the network is only called as ``net(x, t, cond)``
+    with ``t`` the integer timestep as a float.
+    """
+
+    def __init__(self, scheduler: str = "ddpm", num_train_timesteps: int = 100,
+                 beta_schedule: str = "squaredcos_cap_v2", prediction_type: str = "epsilon",
+                 clip_sample: bool = True, num_inference_steps: int = 100):
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"method.scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+        if beta_schedule not in BETA_SCHEDULES:
+            raise ValueError(f"method.beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"method.prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}"
+            )
+        if num_train_timesteps < 1:
+            raise ValueError(f"method.num_train_timesteps must be >= 1, got {num_train_timesteps}")
+        if scheduler == "dpmsolver" and clip_sample:
+            raise ValueError(
+                "method.clip_sample=true is not supported by the dpmsolver scheduler (diffusers' "
+                "DPMSolverMultistepScheduler has no clipping); set clip_sample: false"
+            )
+        self.scheduler_name = scheduler
+        self.num_train_timesteps = num_train_timesteps
+        self.prediction_type = prediction_type
+        self._check_steps(num_inference_steps)
+        self.num_inference_steps = num_inference_steps
+        common = dict(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
+                      prediction_type=prediction_type)
+        # The forward process (training) and the sampler share betas and alphas_cumprod.
+        self.train_scheduler = DDPMScheduler(**common, clip_sample=clip_sample)
+        # "trailing" spacing (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are
+        # Flawed", Table 2) puts the first of n steps at k = T-1, the noisiest step, where the chunk
+        # really is pure noise. The default "leading" spacing with T=100 and n=10 starts at k=90:
+        # the sampler would then treat N(0, I) as x_90 although training saw x_90 carrying a visible
+        # trace of x_0, a mismatch that grows as n shrinks (one DDIM step never sees k=99 at all).
+        if scheduler == "ddpm":
+            self.scheduler = DDPMScheduler(**common, clip_sample=clip_sample, variance_type="fixed_small",
+                                           timestep_spacing="trailing")
+        elif scheduler == "ddim":
+            self.scheduler = DDIMScheduler(**common, clip_sample=clip_sample, set_alpha_to_one=True,
+                                           timestep_spacing="trailing")
+        else:
+            self.scheduler = DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++",
+                                                         solver_order=2, timestep_spacing="trailing")
+        self.alphas_cumprod = self.train_scheduler.alphas_cumprod.clone()  # (T,) float32, CPU
+        if float(self.alphas_cumprod[-1]) > 0.01:
+            # e.g. "linear" (betas 1e-4..0.02, made for T=1000) with T=100 ends at abar = 0.37:
+            # sampling starts from N(0, I) although training never saw x_{T-1} that noisy.
+            warnings.warn(
+                f"beta_schedule={beta_schedule!r} with num_train_timesteps={num_train_timesteps} ends at "
+                f"alphas_cumprod={float(self.alphas_cumprod[-1]):.3f}, far from pure noise; use "
+                "squaredcos_cap_v2 or more training timesteps", stacklevel=2,
+            )
+        self._time_cache: dict[tuple[int, str], torch.Tensor] = {}
+
+    def _check_steps(self, n: int) -> None:
+        if n < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {n}")
+        if n > self.num_train_timesteps:
+            raise ValueError(
+                f"num_inference_steps={n} is more than the {self.num_train_timesteps} timesteps the "
+                f"schedule was trained with (num_train_timesteps); use at most {self.num_train_timesteps}"
+            )
+
+    # ------------------------------------------------------------------------------- training
+    def loss(self, net, actions: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        B = actions.shape[0]
+        noise = torch.randn_like(actions)
+        k = torch.randint(0, self.num_train_timesteps, (B,), device=actions.device)
+        x_k = self.train_scheduler.add_noise(actions, noise, k)  # eq. 4
+        pred = net(x_k, k.float(), cond)
+        if self.prediction_type == "epsilon":
+            target = noise
+        elif self.prediction_type == "sample":
+            target = actions
+        else:
+            target = self.train_scheduler.get_velocity(actions, noise, k)
+        return F.mse_loss(pred.float(), target.float())
+
+    # ------------------------------------------------------------------------------- sampling
+    def _device_timesteps(self, timesteps: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The sampler's timesteps as floats on ``device``, cached so that a repeated call makes no
+        host-to-device copy (required to capture the sampling loop in a CUDA graph)."""
+        key = (tuple(timesteps.tolist()), str(device))
+        if key not in self._time_cache:
+            self._time_cache[key] = timesteps.to(device=device, dtype=torch.float32)
+        return self._time_cache[key]
+
+    @torch.no_grad()
+    def sample(self, net, cond: torch.Tensor, shape: tuple[int, int, int], num_steps: int | None = None,
+               generator: torch.Generator | None = None, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """Draw ``(B, H, Da)`` chunks; ``prefix (B, P, Da)`` = known leading actions (inpainted)."""
+        n = self.num_inference_steps if num_steps is None else int(num_steps)
+        self._check_steps(n)
+        B = shape[0]
+        device = cond.device
+        x = torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
+        P = check_prefix(prefix, shape)
+        noise_prefix = x[:, :P].clone() if P else None
+        sched = self.scheduler
+        sched.set_timesteps(n)  # timesteps stay on the CPU: step() indexes CPU tables with them
+        t_dev = self._device_timesteps(sched.timesteps, device)
+        for i, k in enumerate(sched.timesteps):
+            if P:
+                a = float(self.alphas_cumprod[int(k)])
+                known = a**0.5 * prefix + (1.0 - a) ** 0.5 * noise_prefix  # q(x_k | prefix), eq. 4
+                x = torch.cat([known.to(x.dtype), x[:, P:]], dim=1)
+            out = net(x, t_dev[i].expand(B), cond).to(x.dtype)
+            x = sched.step(out, k, x, generator=generator).prev_sample
+        if P:
+            x = torch.cat([prefix.to(x.dtype), x[:, P:]], dim=1)
+        return x
+
+
+def check_prefix(prefix: torch.Tensor | None, shape: tuple[int, int, int]) -> int:
+    """Length ``P`` of a known prefix ``(B, P, Da)`` (0 when there is none)."""
+    if prefix is None:
+        return 0
+    B, H, Da = shape
+    if prefix.ndim != 3 or prefix.shape[0] != B or prefix.shape[2] != Da or prefix.shape[1] > H:
+        raise ValueError(f"prefix has shape {tuple(prefix.shape)}, expected ({B}, P <= {H}, {Da})")
+    return int(prefix.shape[1])

@@ -231,9 +231,8 @@ class PickPlaceEnv(gym.Env):
         while np.linalg.norm(target_xy - cube_xy) < MIN_SEPARATION:
             target_xy = rng.uniform(SPAWN_LOW, SPAWN_HIGH)
         cube_yaw = rng.uniform(-np.pi, np.pi)
-        cube_adr = m.joint("cube").qposadr[0]
-        d.qpos[cube_adr: cube_adr + 3] = [cube_xy[0], cube_xy[1], CUBE_HALF]
-        d.qpos[cube_adr + 3: cube_adr + 7] = [np.cos(cube_yaw / 2), 0.0, 0.0, np.sin(cube_yaw / 2)]
+        d.joint("cube").qpos[:] = [cube_xy[0], cube_xy[1], CUBE_HALF,
+                                   np.cos(cube_yaw / 2), 0.0, 0.0, np.sin(cube_yaw / 2)]
         d.mocap_pos[m.body("target").mocapid[0]] = [target_xy[0], target_xy[1], 0.0]
         self._q_target = q.copy()
         d.ctrl[:6] = q

@@ -41,7 +41,8 @@ class PickPlaceExpert:
         self.release_dz = rng.uniform(0.002, 0.010)  # cube bottom above the table when released
         self.retreat_h = rng.uniform(0.08, 0.16)
         self.approach_off = rng.normal(0.0, 0.01, size=2)  # where the descent begins, around the cube
-        self.carry_off = rng.normal(0.0, 0.02, size=2)  # a mid-air waypoint on the way to the target
+        self.carry_off = np.clip(rng.normal(0.0, 0.025, size=2), -0.05, 0.05)  # of the via point
+        self.via, self.via_done = None, False
         self.grasp_off = np.clip(rng.normal(0.0, 0.002, size=2), -0.004, 0.004)
         self.ref_pos = u.ee_pos
         self.ref_yaw = u.ee_yaw
@@ -51,6 +52,8 @@ class PickPlaceExpert:
 
     def _enter(self, phase: str) -> None:
         self.phase, self.phase_steps = phase, 0
+        if phase == "approach":  # (re)starting: the carry's via point is chosen after the lift
+            self.via, self.via_done = None, False
 
     def _move(self, goal: np.ndarray, goal_yaw: float, speed: float) -> bool:
         """Advance the commanded pose toward the goal; True once the commanded pose is there."""
@@ -105,10 +108,13 @@ class PickPlaceExpert:
             if not held:
                 self._enter("reopen")
             elif self.phase == "carry":
-                far = np.linalg.norm(self.ref_pos[:2] - target[:2]) > 0.08
-                via = xy + (self.carry_off if far else 0.0)
-                goal = np.array([*via, self.carry_h])
-                if self._arrived(u, goal, self._move(goal, self.ref_yaw, self.speed), 0.015) and not far:
+                if self.via is None:  # a perturbed midpoint: carry paths are not all straight
+                    self.via = 0.5 * (self.ref_pos[:2] + xy) + self.carry_off
+                goal = np.array([*(self.via if not self.via_done else xy), self.carry_h])
+                commanded = self._move(goal, self.ref_yaw, self.speed)
+                if not self.via_done:
+                    self.via_done = commanded
+                elif self._arrived(u, goal, commanded, 0.015):
                     self._enter("lower")
             else:
                 z = CUBE_HALF + self.release_dz + (u.ee_pos[2] - cube[2])

@@ -23,6 +23,7 @@ gathers over torch.distributed when it is initialized) and rank 0 merges and wri
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import multiprocessing as mp
 import os
@@ -123,9 +124,13 @@ def make_vector_env(task: TaskConfig, n_envs: int, max_episode_steps: int, rende
     import envs  # noqa: F401  (registers dp/*)
 
     os.environ.setdefault("MUJOCO_GL", "egl")
+    env_id = task.env_id
     try:
-        spec = gym.spec(task.env_id)
-    except gym.error.Error as e:
+        if ":" in env_id:  # "module:id", as gymnasium.make accepts: import the module that registers it
+            module, env_id = env_id.split(":", 1)
+            importlib.import_module(module)
+        spec = gym.spec(env_id)
+    except (gym.error.Error, ImportError) as e:
         raise EvalError(f"task {task.name}: env_id {task.env_id!r} is not registered ({e})") from None
     kwargs = dict(task.env_kwargs or {})
     if render:

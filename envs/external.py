@@ -69,7 +69,7 @@ def _resize(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
 
 
-class ExternalEnv(gym.Wrapper):
+class ExternalEnv(gym.Wrapper, gym.utils.RecordConstructorArgs):
     """Translate a Gymnasium env into this package's dialect (module docstring).
 
     Args:
@@ -97,6 +97,10 @@ class ExternalEnv(gym.Wrapper):
         flip_vertical: bool = False,
         bounded: bool = True,
     ):
+        gym.utils.RecordConstructorArgs.__init__(
+            self, obs_mode=obs_mode, image_size=image_size, obs_slices=obs_slices,
+            terminate_on_success=terminate_on_success, reward=reward, flip_vertical=flip_vertical,
+            bounded=bounded)
         super().__init__(env)
         if obs_mode not in ("state", "image"):
             raise ValueError(f"ExternalEnv: obs_mode must be 'state' or 'image', got {obs_mode!r}")
@@ -186,7 +190,7 @@ def make_external(env_id: str, env_kwargs: dict | None = None, obs_mode: str = "
 
 
 # ------------------------------------------------------------------------------------ MetaWorld
-class MetaWorldSeeding(gym.Wrapper):
+class MetaWorldSeeding(gym.Wrapper, gym.utils.RecordConstructorArgs):
     """Make a MetaWorld MT1 env's initial state a function of ``reset(seed=...)``.
 
     MetaWorld 3 ignores the seed of ``reset``: its MT1 env draws one of 50 fixed task variations
@@ -196,6 +200,7 @@ class MetaWorldSeeding(gym.Wrapper):
     """
 
     def __init__(self, env: gym.Env):
+        gym.utils.RecordConstructorArgs.__init__(self)
         super().__init__(env)
         self._configured = False
         self._rng = np.random.default_rng()

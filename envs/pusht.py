@@ -79,7 +79,8 @@ class PushTEnv(gym.Env):
             raise ValueError(f"PushTEnv: obs_mode must be 'state', 'keypoints' or 'image', "
                              f"got {obs_mode!r}")
         if render_mode not in (None, "rgb_array"):
-            raise ValueError(f"PushTEnv: render_mode must be None or 'rgb_array', got {render_mode!r}")
+            raise ValueError(
+                f"PushTEnv: render_mode must be None or 'rgb_array', got {render_mode!r}")
         self.obs_mode, self.render_mode = obs_mode, render_mode
         self.render_size, self.image_size, self.max_speed = render_size, image_size, max_speed
         self.model = mujoco.MjModel.from_xml_path(str(ASSET))

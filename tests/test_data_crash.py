@@ -7,7 +7,8 @@ import time
 
 import numpy as np
 
-from diffusion_policy.data.store import EpisodeStore, validate_store
+from diffusion_policy.data.cli import validate_store
+from diffusion_policy.data.store import EpisodeStore
 
 WRITER = r"""
 import sys

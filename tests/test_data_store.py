@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import zarr
 
-from diffusion_policy.data.store import EpisodeStore, LazyArray, StoreError, validate_store
+from diffusion_policy.data.cli import validate_store
+from diffusion_policy.data.store import EpisodeStore, LazyArray, StoreError
 
 
 def episode(i: int, length: int, image_hw: int = 12) -> dict:
@@ -49,8 +50,11 @@ def test_append_and_read(store, tmp_path):
     cached = EpisodeStore.open(tmp_path / "s.zarr", cache_images=True)
     assert isinstance(cached["image"], np.ndarray)
     np.testing.assert_array_equal(cached["image"], np.asarray(again["image"]))
-    idx = np.array([[0, 23], [5, 5]])
+    assert again["image"]._direct is not None  # chunk files read without zarr's per-chunk cost
+    idx = np.array([[0, 23], [5, 5], [-1, 7]])
     np.testing.assert_array_equal(again["image"][idx], cached["image"][idx])
+    np.testing.assert_array_equal(again["image"][3, :2], cached["image"][3, :2])
+    np.testing.assert_array_equal(again["image"][2:9:3], cached["image"][2:9:3])
     with pytest.raises(IndexError):
         again.get_episode(4)
 
@@ -145,6 +149,9 @@ def test_opens_v2_store_and_zip(tmp_path):
                 np.testing.assert_array_equal(np.asarray(s[key]), value)
             np.testing.assert_array_equal(s.get_episode(1)["keypoint"], arrays["keypoint"][6:10])
             assert s.is_image("img") and not s.is_image("keypoint")
+            lazy, idx = s["img"], np.array([[14, 0], [3, 3]])
+            assert lazy._direct is None  # v2 and zip: read through zarr
+            np.testing.assert_array_equal(lazy[idx], arrays["img"][idx])
     for name in ("v2.zarr", "v2.zarr.zip"):
         with pytest.raises(StoreError, match="read-only"):
             EpisodeStore.open(tmp_path / name, mode="a")
@@ -162,3 +169,12 @@ def test_open_errors(tmp_path):
     with pytest.raises(StoreError, match="not a Zarr store"):
         EpisodeStore.open(tmp_path / "empty")
     assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_partial_files_of_a_killed_writer_are_noted_then_removed(store):
+    leftover = store.path / "data" / "action" / f"zarr.{'ab' * 16}.partial"
+    leftover.write_bytes(b"half a file")
+    errors, notes = validate_store(store.path)
+    assert not errors and any("partial" in n for n in notes)
+    EpisodeStore.open(store.path, mode="a")
+    assert not leftover.exists()

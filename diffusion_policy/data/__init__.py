@@ -6,7 +6,7 @@ workers, ``dp-data``) does not pay for importing torch.
 import importlib
 
 _EXPORTS = {
-    "EpisodeStore": "store", "LazyArray": "store", "StoreError": "store", "validate_store": "store",
+    "EpisodeStore": "store", "LazyArray": "store", "StoreError": "store", "validate_store": "cli",
     "WindowSampler": "windows", "WindowDataset": "windows", "collate_windows": "windows",
     "make_datasets": "windows", "make_loader": "windows", "split_episodes": "windows",
     "Normalizer": "normalize",

@@ -1,4 +1,4 @@
-"""``dp-data``: inspect, check and edit episode stores.
+"""``dp-data``: inspect, check (:func:`validate_store`) and edit episode stores.
 
     dp-data info STORE                      episodes, steps, per-key shape/dtype/chunks/codecs/size
     dp-data validate STORE                  exit status 0 only if the store is valid
@@ -11,11 +11,73 @@ Bad input gives one line on stderr naming the path, key and what was expected, a
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import zipfile
+from pathlib import Path
 
 import numpy as np
 
-from diffusion_policy.data.store import EpisodeStore, StoreError, disk_usage, validate_store
+from diffusion_policy.data.store import EpisodeStore, StoreError, partial_files
+
+
+def validate_store(path) -> tuple[list[str], list[str]]:
+    """Check a store; returns (errors, notes). Valid if there are no errors.
+
+    Checks the layout, strictly increasing ``meta/episode_ends``, every key at least as long as the
+    last end, and no NaN/inf in floating-point keys. Steps beyond the last end (left by an
+    interrupted append) are a note, not an error.
+    """
+    try:
+        store = EpisodeStore.open(path, mode="r")
+    except StoreError as exc:
+        return [str(exc)], []
+    errors, notes = [], []
+    try:
+        n = store.n_steps
+        if not store.keys():
+            errors.append(f"{store.path}: data has no arrays (expected data/<key>)")
+        for key in store.keys():
+            arr = store.zarr_array(key)
+            if arr.shape[0] > n:
+                notes.append(f"{store.path}: data/{key} has {arr.shape[0] - n} steps after the last "
+                             f"episode end (uncommitted; the next append overwrites them)")
+            if not np.issubdtype(np.dtype(arr.dtype), np.floating):
+                continue
+            block = max(1, (64 << 20) // max(1, int(np.prod(arr.shape[1:])) * arr.dtype.itemsize))
+            for s in range(0, n, block):
+                try:
+                    x = np.asarray(arr[s: min(n, s + block)])
+                except Exception as exc:  # a damaged chunk
+                    errors.append(f"{store.path}: data/{key} steps {s}-{min(n, s + block) - 1} "
+                                  f"cannot be read ({exc})")
+                    break
+                bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+                if bad.any():
+                    t = s + int(np.flatnonzero(bad)[0])
+                    ep = int(np.searchsorted(store.episode_ends, t, side="right"))
+                    errors.append(f"{store.path}: data/{key} has NaN/inf at step {t} (episode {ep}), "
+                                  f"expected finite values")
+                    break
+        partial = [] if store.path.is_file() else partial_files(store.path)
+        if partial:
+            notes.append(f"{store.path}: {len(partial)} temporary *.partial files left by a killed "
+                         f"writer (removed when the store is next opened for appending)")
+    finally:
+        store.close()
+    return errors, notes
+
+
+def disk_usage(path, prefix: str = "") -> int:
+    """Bytes on disk under ``prefix`` of a directory store or a ``.zarr.zip`` (compressed sizes)."""
+    path = Path(path)
+    if path.is_file():
+        with zipfile.ZipFile(path) as zf:
+            return sum(i.compress_size for i in zf.infolist() if i.filename.startswith(prefix))
+    total = 0
+    for root, _, files in os.walk(path / prefix if prefix else path):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    return total
 
 
 def _size(n: int) -> str:

@@ -1,0 +1,102 @@
+"""Speed and expert quality of the Avoid task (and of any task config, e.g. MetaWorld's).
+
+    MUJOCO_GL=egl python benchmarks/env_avoid.py                       # Avoid, state and image
+    MUJOCO_GL=egl python benchmarks/env_avoid.py --tasks metaworld_push --seeds 100 --collect 20
+
+For each task config: env steps per second on one core with random actions (reset excluded), the
+expert's success rate and episode length over ``--seeds`` seeds of the collection range, and the
+wall-clock seconds per collected episode of ``collect`` (``--workers``, default 1 and 2: the spawn
+start-up of the workers is included, as a user sees it). Results go in benchmarks/envs.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+import warnings
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import numpy as np
+
+from diffusion_policy.collect import make_env, run_episode
+from diffusion_policy.config import COLLECT_SEED_BASE, CollectConfig, compose
+
+
+def steps_per_second(task, n_steps: int) -> float:
+    env = make_env(task.env_id, dict(task.env_kwargs), 10**6)
+    env.reset(seed=0)
+    env.action_space.seed(0)
+    actions = [env.action_space.sample() for _ in range(n_steps)]
+    t0 = time.perf_counter()
+    for a in actions:
+        _, _, terminated, truncated, _ = env.step(a)
+        if terminated or truncated:
+            env.reset()
+    rate = n_steps / (time.perf_counter() - t0)
+    env.close()
+    return rate
+
+
+def expert_quality(task, n_seeds: int) -> dict:
+    """Success rate, mean length of the successes, seconds per episode and, for experts that
+    choose a side (Avoid), the fraction of right-hand routes."""
+    from envs.experts import make_expert
+
+    env = make_env(task.env_id, dict(task.env_kwargs), task.max_episode_steps)
+    expert = make_expert(task.expert)
+    results, sides = [], []
+    for i in range(n_seeds):
+        results.append(run_episode(env, expert, COLLECT_SEED_BASE + i))
+        sides.append(getattr(expert, "side", 0))  # the route of the episode just run
+    env.close()
+    ok = [r for r in results if r["success"]]
+    return {"success": len(ok) / n_seeds, "n": n_seeds,
+            "steps": float(np.mean([r["steps"] for r in ok])) if ok else float("nan"),
+            "right": float(np.mean(np.array(sides) > 0)) if any(sides) else None}
+
+
+def collect_seconds(task, episodes: int, workers: int) -> float:
+    from diffusion_policy.collect import collect
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        collect(CollectConfig(task=task, episodes=episodes, out=f"{tmp}/b.zarr", workers=workers))
+        return (time.perf_counter() - t0) / episodes
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", nargs="+", default=["avoid", "avoid_image"])
+    p.add_argument("--steps", type=int, default=2000, help="env steps timed per task")
+    p.add_argument("--seeds", type=int, default=100, help="expert episodes per task")
+    p.add_argument("--collect", type=int, default=50, help="episodes collected per timing")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    args = p.parse_args()
+    warnings.filterwarnings("ignore", module="metaworld")
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"MUJOCO_GL={os.environ.get('MUJOCO_GL')}")
+    print("| task | env steps/s (1 core) | expert success | steps/episode | right route | "
+          + " | ".join(f"s/collected episode ({w} worker{'s' * (w > 1)})" for w in args.workers) + " |")
+    print("| --- " * (5 + len(args.workers)) + "|")
+    for name in args.tasks:
+        task = compose("collect", [f"task={name}"]).task
+        sps = steps_per_second(task, args.steps)
+        q = expert_quality(task, args.seeds)
+        split = q["right"]
+        coll = [collect_seconds(task, args.collect, w) for w in args.workers]
+        print(f"| {name} | {sps:.0f} | {100 * q['success']:.0f}% of {q['n']} | {q['steps']:.1f} | "
+              f"{'-' if split is None else f'{100 * split:.0f}%'} | "
+              + " | ".join(f"{c:.3f}" for c in coll) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

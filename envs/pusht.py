@@ -124,6 +124,11 @@ class PushTEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         mujoco.mj_resetData(self.model, self.data)
+        obs = self.reset_model()
+        return obs, self._get_info()
+
+    def reset_model(self) -> dict:
+        """Draw the initial pusher and block poses from ``self.np_random`` (rejection sampling)."""
         hull = geometry.convex_hull(geometry.t_outline(self.unit))
         while True:
             agent = self.np_random.uniform(-0.2, 0.2, size=2)
@@ -138,7 +143,7 @@ class PushTEnv(gym.Env):
         self.data.qpos[self._block_qpos] = block
         self.data.act[:] = agent  # the servo's setpoint starts at the pusher
         mujoco.mj_forward(self.model, self.data)
-        return self._get_obs(), self._get_info()
+        return self._get_obs()
 
     def step(self, action):
         action = np.asarray(action, dtype=np.float64)

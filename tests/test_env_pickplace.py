@@ -164,3 +164,21 @@ def test_expert_episodes_differ_with_the_expert_rng():
         trajs.append(np.stack(actions))
     assert not np.allclose(trajs[0], trajs[1])
     env.close()
+
+
+def test_grasp_holds_the_cube_through_fast_moves():
+    env = gym.make("dp/PickPlace-v0")
+    u = env.unwrapped
+    expert = PickPlaceExpert()
+    env.reset(seed=4)
+    expert.reset(env, np.random.default_rng(4))
+    while expert.phase != "carry":
+        env.step(expert.act(env))
+    offset = u.cube_pos - u.ee_pos
+    # jump the target 15 cm back and forth (1.5 m/s commanded) and up and down
+    for i in range(10):
+        goal = np.array([0.45, 0.15 * (-1) ** i, 0.15 + 0.05 * (i % 3)])
+        env.step(u.target_to_action(goal, 0.3 * (-1) ** i, 1.0))
+        assert u.finger_contacts() == 2
+    assert np.linalg.norm(u.cube_pos - u.ee_pos - offset) < 0.015  # measured: 6 mm
+    env.close()

@@ -26,7 +26,8 @@ def t_pieces(unit: float) -> list[np.ndarray]:
 
 
 def t_outline(unit: float) -> np.ndarray:
-    """The T's 8 outline corners in the block frame, counter-clockwise from the stem's bottom left."""
+    """The T's 8 outline corners in the block frame, counter-clockwise from the stem's bottom
+    left corner."""
     pts = np.array([[-0.5, 0.0], [0.5, 0.0], [0.5, 3.0], [2.0, 3.0],
                     [2.0, 4.0], [-2.0, 4.0], [-2.0, 3.0], [-0.5, 3.0]])
     return (pts - _COM) * unit

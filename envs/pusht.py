@@ -90,7 +90,8 @@ class PushTEnv(gym.Env):
         self.unit, self.target_pose = UNIT, TARGET_POSE.copy()
         self._block_qpos = np.array([self.model.joint(n).qposadr[0]
                                      for n in ("block_x", "block_y", "block_rot")])
-        self._agent_qpos = np.array([self.model.joint(n).qposadr[0] for n in ("agent_x", "agent_y")])
+        self._agent_qpos = np.array([self.model.joint(n).qposadr[0]
+                                     for n in ("agent_x", "agent_y")])
         self._renderers: dict[int, mujoco.Renderer] = {}
 
         self.action_space = spaces.Box(-ARENA, ARENA, shape=(2,), dtype=np.float32)

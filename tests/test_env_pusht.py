@@ -26,8 +26,8 @@ def _gl_available() -> bool:
         return False
 
 
-needs_gl = pytest.mark.skipif(not _gl_available(),
-                              reason="no OpenGL backend for MuJoCo (set MUJOCO_GL=egl, needs libEGL)")
+needs_gl = pytest.mark.skipif(
+    not _gl_available(), reason="no OpenGL backend for MuJoCo (set MUJOCO_GL=egl, needs libEGL)")
 
 
 # ------------------------------------------------------------------------------------ geometry
@@ -187,7 +187,8 @@ def test_expert_makes_progress_and_succeeds():
 def test_task_configs_compose():
     from diffusion_policy.config import compose
 
-    for name, keys in (("pusht", ["keypoint", "agent_pos"]), ("pusht_image", ["image", "agent_pos"])):
+    for name, keys in (("pusht", ["keypoint", "agent_pos"]),
+                       ("pusht_image", ["image", "agent_pos"])):
         cfg = compose("eval", ["checkpoint=expert", f"task={name}"])
         assert cfg.task.obs_keys == keys and cfg.task.expert == "pusht"
         assert cfg.task.max_episode_steps == 300

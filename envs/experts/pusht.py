@@ -64,7 +64,8 @@ class PushTExpert:
         # Travel clearance varies per episode: routes around the block differ between episodes.
         margin = MARGIN * rng.uniform(1.0, 1.8)
         self.hull_travel = geometry.inflate_convex(self.hull, self.radius + margin)
-        self.pieces_touch = [geometry.inflate_convex(p, self.radius + 0.0015, 2) for p in self.pieces]
+        self.pieces_touch = [geometry.inflate_convex(p, self.radius + 0.0015, 2)
+                             for p in self.pieces]
         # Start and entry points of every contact, block frame (fixed: computed once).
         contacts = self._contact_points(u.unit)
         rows = []
@@ -217,7 +218,9 @@ class PushTExpert:
         good = np.argwhere(rate >= best - 0.15 * abs(best))
         k, t = good[self.rng.integers(len(good))]
         start_l, start_w, dir_w, _ = cands[k]
-        self.log.append((e_now, int(travel_steps[k]), int(push_steps[t]), float(rate[k, t]), len(cands)))
+        # (error, travel steps, push steps, rate, candidates): for inspecting an episode's plans.
+        self.log.append((e_now, int(travel_steps[k]), int(push_steps[t]), float(rate[k, t]),
+                         len(cands)))
 
         # Queue: travel waypoints (block frame -> world), then the push.
         route = [R @ w + pose[:2] for w in routes[k]]

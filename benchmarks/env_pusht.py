@@ -58,7 +58,8 @@ def expert_quality(start: int, n_seeds: int, verbose: bool) -> dict:
                   f"steps={r['steps']:3d} coverage={cov:.3f} {r['seconds']:.2f}s", flush=True)
     env.close()
     ok = [r for r in rows if r["success"]]
-    strategies = {s: sum(r["strategy"] == s for r in rows) for s in sorted({r["strategy"] for r in rows})}
+    names = sorted({r["strategy"] for r in rows})
+    strategies = {s: sum(r["strategy"] == s for r in rows) for s in names}
     return {
         "n": n_seeds, "success": len(ok) / n_seeds,
         "coverage": float(np.mean([r["coverage"] for r in rows])),
@@ -72,7 +73,8 @@ def expert_quality(start: int, n_seeds: int, verbose: bool) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=3000, help="env steps timed per low-dim mode")
     p.add_argument("--image-steps", type=int, default=500, help="env steps timed in image mode")
     p.add_argument("--start", type=int, default=0, help="first seed (offset in the collect range)")
@@ -90,7 +92,8 @@ def main() -> None:
           f"python {platform.python_version()}, MUJOCO_GL={os.environ.get('MUJOCO_GL')}")
     if not args.no_speed:
         print("| obs_mode | env steps/s (1 core) |\n| --- | --- |")
-        for mode, n in (("state", args.steps), ("keypoints", args.steps), ("image", args.image_steps)):
+        modes = (("state", args.steps), ("keypoints", args.steps), ("image", args.image_steps))
+        for mode, n in modes:
             print(f"| {mode} | {steps_per_second(mode, n):.0f} |", flush=True)
     if args.seeds > 0:
         t0 = time.perf_counter()
@@ -100,7 +103,8 @@ def main() -> None:
         print("| episodes | success | mean final coverage | steps (successes, mean / max) "
               "| s / episode (mean / max) | strategies |\n| --- | --- | --- | --- | --- | --- |")
         print(f"| {q['n']} | {q['success']:.2f} | {q['coverage']:.3f} | {q['steps']:.0f} / "
-              f"{q['steps_max']} | {q['seconds']:.2f} / {q['seconds_max']:.2f} | {q['strategies']} |")
+              f"{q['steps_max']} | {q['seconds']:.2f} / {q['seconds_max']:.2f} "
+              f"| {q['strategies']} |")
         if q["failed"]:
             print("failed seeds:", q["failed"])
 

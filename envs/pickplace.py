@@ -23,8 +23,9 @@ except (ImportError, AttributeError, OSError) as e:  # mujoco loads the MUJOCO_G
         raise
     raise ImportError(
         f"importing mujoco failed with MUJOCO_GL={os.environ['MUJOCO_GL']!r} ({type(e).__name__}: "
-        f"{e}): that OpenGL backend could not be loaded. Headless machines need MUJOCO_GL=egl with "
-        f"libEGL installed (apt install libegl1 libgl1), or MUJOCO_GL=osmesa with libOSMesa.") from e
+        f"{e}): that OpenGL backend could not be loaded. Headless machines need MUJOCO_GL=egl "
+        f"with libEGL installed (apt install libegl1 libgl1), or MUJOCO_GL=osmesa with libOSMesa."
+    ) from e
 import numpy as np  # noqa: E402
 from gymnasium import spaces  # noqa: E402
 
@@ -96,7 +97,8 @@ class PickPlaceEnv(gym.Env):
         if obs_mode not in ("state", "image"):
             raise ValueError(f"PickPlaceEnv: obs_mode must be 'state' or 'image', got {obs_mode!r}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"PickPlaceEnv: render_mode must be None or 'rgb_array', got {render_mode!r}")
+            raise ValueError(
+                f"PickPlaceEnv: render_mode must be None or 'rgb_array', got {render_mode!r}")
         self.obs_mode, self.render_mode = obs_mode, render_mode
         self.image_size, self.render_size = image_size, render_size
         self.n_substeps, self.ik_iters, self.ik_damping = n_substeps, ik_iters, ik_damping
@@ -110,7 +112,8 @@ class PickPlaceEnv(gym.Env):
         self._arm_qadr = np.array([m.joint(j).qposadr[0] for j in ARM_JOINTS])
         self._arm_dadr = np.array([m.joint(j).dofadr[0] for j in ARM_JOINTS])
         self._arm_range = np.array([m.joint(j).range for j in ARM_JOINTS])
-        self._finger_qadr = np.array([m.joint(f).qposadr[0] for f in ("finger_left", "finger_right")])
+        self._finger_qadr = np.array(
+            [m.joint(f).qposadr[0] for f in ("finger_left", "finger_right")])
         self._ee = m.site("ee").id
         self._finger_geoms = {m.geom("finger_left").id, m.geom("finger_right").id}
         self._cube_geom = m.geom("cube").id
@@ -135,7 +138,7 @@ class PickPlaceEnv(gym.Env):
     # ------------------------------------------------------------------ action <-> target pose
     @staticmethod
     def target_to_action(pos, yaw: float, grip: float) -> np.ndarray:
-        """World-frame grasp-point position (m), yaw (rad) and grip (-1 open, +1 closed) -> action."""
+        """World-frame grasp-point position (m), yaw (rad), grip (-1 open, +1 closed) -> action."""
         a = np.empty(5, np.float32)
         a[:3] = 2.0 * (np.asarray(pos) - POS_LOW) / (POS_HIGH - POS_LOW) - 1.0
         a[3] = yaw / YAW_LIMIT
@@ -160,7 +163,8 @@ class PickPlaceEnv(gym.Env):
         """
         m, d = self.model, self._ik_data
         q = self._q_target.copy()
-        quat_des = np.array([np.cos(yaw / 2), 0.0, 0.0, np.sin(yaw / 2)])  # Rz(yaw): ee frame = world at q=0
+        # Rz(yaw): the ee frame is the world frame at q = 0
+        quat_des = np.array([np.cos(yaw / 2), 0.0, 0.0, np.sin(yaw / 2)])
         quat_cur, quat_err, rot_err = np.empty(4), np.empty(4), np.empty(3)
         lam2 = self.ik_damping ** 2
         for _ in range(self.ik_iters if iters is None else iters):
@@ -175,7 +179,8 @@ class PickPlaceEnv(gym.Env):
             if np.linalg.norm(err) < 1e-5:
                 break
             mujoco.mj_jacSite(m, d, self._jacp, self._jacr, self._ee)
-            jac = np.vstack([self._jacp[:, self._arm_dadr], self._jacr[:, self._arm_dadr]])  # (6, 6)
+            jac = np.vstack([self._jacp[:, self._arm_dadr],
+                             self._jacr[:, self._arm_dadr]])  # (6, 6)
             dq = jac.T @ np.linalg.solve(jac @ jac.T + lam2 * np.eye(6), err)
             q = np.clip(q + dq, self._arm_range[:, 0], self._arm_range[:, 1])
         return q

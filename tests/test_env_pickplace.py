@@ -25,8 +25,8 @@ def _gl_available() -> bool:
         return False
 
 
-needs_gl = pytest.mark.skipif(not _gl_available(),
-                              reason="no OpenGL backend for MuJoCo (set MUJOCO_GL=egl, install libegl1)")
+needs_gl = pytest.mark.skipif(
+    not _gl_available(), reason="no OpenGL backend for MuJoCo (set MUJOCO_GL=egl, install libegl1)")
 
 
 def rollout(env, expert, seed, max_steps=200):

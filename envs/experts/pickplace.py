@@ -1,9 +1,9 @@
 """Scripted expert for ``dp/PickPlace-v0``: a waypoint machine over end-effector poses.
 
 Phases: approach above the cube -> descend -> close -> lift -> carry above the target -> lower ->
-release -> retreat. Every waypoint is recomputed each step from the simulator state (closed loop), and
-a grasp that fails or slips sends the expert back to the approach, so it recovers instead of
-finishing an empty-handed placement.
+release -> retreat. Every waypoint is recomputed each step from the simulator state (closed
+loop), and a grasp that fails or slips sends the expert back to the approach, so it recovers
+instead of finishing an empty-handed placement.
 
 Diversity for demonstrations: per-episode speed, approach and carry heights, grasp depth, release
 height and small offsets on the waypoints, all drawn from the ``rng`` given to :meth:`reset`. The
@@ -18,7 +18,7 @@ CUBE_HALF = 0.02
 
 
 def grasp_yaw(cube_yaw: float) -> float:
-    """Gripper yaw that faces the cube's sides: the cube's yaw modulo a quarter turn, in [-pi/4, pi/4]."""
+    """Gripper yaw facing the cube's sides: its yaw modulo a quarter turn, in [-pi/4, pi/4]."""
     return float((cube_yaw + np.pi / 4) % (np.pi / 2) - np.pi / 4)
 
 
@@ -40,7 +40,7 @@ class PickPlaceExpert:
         self.grasp_dz = rng.uniform(-0.004, 0.004)  # grasp point vs cube centre
         self.release_dz = rng.uniform(0.002, 0.010)  # cube bottom above the table when released
         self.retreat_h = rng.uniform(0.08, 0.16)
-        self.approach_off = rng.normal(0.0, 0.01, size=2)  # where the descent begins, around the cube
+        self.approach_off = rng.normal(0.0, 0.01, size=2)  # where the descent begins
         self.carry_off = np.clip(rng.normal(0.0, 0.025, size=2), -0.05, 0.05)  # of the via point
         self.via, self.via_done = None, False
         self.grasp_off = np.clip(rng.normal(0.0, 0.002, size=2), -0.004, 0.004)
@@ -83,7 +83,8 @@ class PickPlaceExpert:
         elif self.phase == "descend":
             self.yaw = grasp_yaw(u.cube_yaw)
             goal = np.array([*(cube[:2] + self.grasp_off), cube[2] + self.grasp_dz])
-            if self._arrived(u, goal, self._move(goal, self.yaw, self.speed * self.slow), tol=0.006):
+            commanded = self._move(goal, self.yaw, self.speed * self.slow)
+            if self._arrived(u, goal, commanded, tol=0.006):
                 self._enter("close")
         elif self.phase == "close":
             self.grip = 1.0
@@ -119,7 +120,8 @@ class PickPlaceExpert:
             else:
                 z = CUBE_HALF + self.release_dz + (u.ee_pos[2] - cube[2])
                 goal = np.array([*xy, z])
-                if self._arrived(u, goal, self._move(goal, self.ref_yaw, self.speed * self.slow), 0.006):
+                commanded = self._move(goal, self.ref_yaw, self.speed * self.slow)
+                if self._arrived(u, goal, commanded, 0.006):
                     self._enter("release")
         elif self.phase == "release":
             self.grip = -1.0

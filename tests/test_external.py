@@ -184,3 +184,20 @@ def test_metaworld_reset_is_a_function_of_the_seed():
     assert not np.allclose(a, c)
     assert env.observation_space.contains(env.reset(seed=5)[0])
     env.close()
+
+
+def test_metaworld_image_observation():
+    _metaworld()
+    from test_env_avoid import _gl_available
+
+    if not _gl_available():
+        pytest.skip("no OpenGL backend (set MUJOCO_GL=egl)")
+    task = compose("collect", ["task=metaworld_push_image"]).task
+    env = gym.make(task.env_id, **task.env_kwargs)
+    obs, _ = env.reset(seed=0)
+    assert set(task.obs_keys) <= set(obs)
+    assert obs["image"].shape == (96, 96, 3) and obs["image"].dtype == np.uint8 and obs["image"].std() > 5
+    np.testing.assert_array_equal(obs["agent_pos"], obs["state"][:4])
+    # MetaWorld's cameras render upside down: the observation is its frame flipped vertically.
+    np.testing.assert_array_equal(obs["image"], env.unwrapped.render()[::-1])
+    env.close()

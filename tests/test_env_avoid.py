@@ -133,3 +133,21 @@ def test_route_is_independent_of_the_start_even_with_the_env_seed():
     rows = np.array(rows)
     corr = [abs(np.corrcoef(rows[:, i], rows[:, -1])[0, 1]) for i in range(6)]
     assert max(corr) < 0.2, corr
+
+
+def test_seeded_regression_values():
+    """Recorded values: a change here changes every stored Avoid dataset. Regenerate with
+    python -c "import numpy as np, gymnasium as gym, envs; from diffusion_policy.collect import \
+    run_episode; from envs.experts import make_expert; env = gym.make('dp/Avoid-v0'); \
+    print(env.reset(seed=0)[0]['state']); r = run_episode(env, make_expert('avoid'), 0); \
+    print(r['steps'], r['data']['state'][-1], r['data']['action'][10])"
+    """
+    from diffusion_policy.collect import run_episode
+
+    env = gym.make("dp/Avoid-v0", max_episode_steps=100)
+    start = env.reset(seed=0)[0]["state"]
+    np.testing.assert_allclose(start, [0.016435, -0.393813, -0.055083, 0.320992, 0.025062, 0.03302], atol=1e-6)
+    r = run_episode(env, make_expert("avoid"), 0)
+    assert r["steps"] == 36
+    np.testing.assert_allclose(r["data"]["state"][-1][:2], [0.003763, 0.281422], atol=1e-5)
+    np.testing.assert_allclose(r["data"]["action"][10], [0.194756, -0.156524], atol=1e-5)

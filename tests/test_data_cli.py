@@ -71,6 +71,8 @@ def corrupt(kind, path):
         path.write_text("hello")
         return "not a Zarr store"
     make_store(path)
+    # a temporary file of a killed writer: `pop` of a malformed store must not remove it either
+    (path / "data" / f"zarr.{'cd' * 16}.partial").write_bytes(b"")
     root = zarr.open_group(str(path), mode="r+")
     if kind == "no_ends":
         del root["meta/episode_ends"]

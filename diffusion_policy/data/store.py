@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -234,7 +235,9 @@ class EpisodeStore:
             raise StoreError(f"{self.path}: missing group data (expected data/<key> arrays)")
         self._data = group["data"]
         try:
-            self._arrays = {k: a for k, a in self._data.arrays()}
+            with warnings.catch_warnings():  # zarr warns about *.partial files (see partial_files)
+                warnings.simplefilter("ignore", UserWarning)
+                self._arrays = {k: a for k, a in self._data.arrays()}
         except Exception as exc:  # e.g. a codec that is not installed (imagecodecs' jpeg2k)
             raise StoreError(f"{self.path}: cannot read the arrays under data/ ({exc})") from exc
         n = self.n_steps
@@ -280,9 +283,10 @@ class EpisodeStore:
         if mode == "a" and group.metadata.zarr_format != 3:
             raise StoreError(f"{path}: a zarr v{group.metadata.zarr_format} store opens read-only; "
                              f"convert it with `dp-data copy {path} NEW.zarr`")
+        store = cls(path, group, backend, mode, cache_images)  # raises on a malformed store
         if mode == "a":
             _remove_partial_files(path)
-        return cls(path, group, backend, mode, cache_images)
+        return store
 
     def close(self) -> None:
         if self._backend is not None and hasattr(self._backend, "close"):

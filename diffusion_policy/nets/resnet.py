@@ -52,8 +52,9 @@ class SpatialSoftmax(nn.Module):
         N, _, h, w = x.shape
         logits = self.kp(x).flatten(2)  # (N, K, h*w)
         attn = torch.softmax(logits, dim=-1)
-        ys = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=attn.dtype)
-        xs = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=attn.dtype)
+        # pixel centres in [-1, 1]: (2i + 1) / n - 1 (a 1x1 map sits at 0)
+        ys = (2 * torch.arange(h, device=x.device, dtype=attn.dtype) + 1) / h - 1
+        xs = (2 * torch.arange(w, device=x.device, dtype=attn.dtype) + 1) / w - 1
         grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
         pos = torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=-1)  # (h*w, 2)
         kp = attn @ pos  # (N, K, 2) expected coordinates in [-1, 1]

@@ -53,6 +53,7 @@ def rollouts(cfg: EvalConfig) -> dict:
         wall = time.perf_counter() - t0
     steps = m["mean_episode_length"] * m["episodes"]
     return {"wall_s": wall, "steps_per_s": steps / wall, "p50": m["latency_p50_ms"],
+            "length": m["mean_episode_length"],
             "p99": m["latency_p99_ms"], "success": m["success_rate"]}
 
 
@@ -62,7 +63,10 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=8)
     ap.add_argument("--checkpoint", default="")
     ap.add_argument("--n-envs", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     os.environ.setdefault("MUJOCO_GL", "egl")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}")
@@ -79,12 +83,12 @@ def main() -> None:
             runs.append((f"policy n_envs={n}", EvalConfig(checkpoint=args.checkpoint,
                                                           episodes=args.episodes, n_envs=n,
                                                           videos=0, device="cpu")))
-    print("\n| run | episodes | wall s | env steps/s | predict p50 / p99 ms | success |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("\n| run | episodes | mean length | wall s | env steps/s | predict p50 / p99 ms | success |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, cfg in runs:
         r = rollouts(cfg)
         lat = "-" if r["p50"] is None else f"{r['p50']:.1f} / {r['p99']:.1f}"
-        print(f"| {name} | {args.episodes} | {r['wall_s']:.1f} | {r['steps_per_s']:.0f} | {lat} | "
+        print(f"| {name} | {args.episodes} | {r['length']:.1f} | {r['wall_s']:.1f} | {r['steps_per_s']:.0f} | {lat} | "
               f"{r['success']:.2f} |")
 
 

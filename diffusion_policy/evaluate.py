@@ -207,7 +207,7 @@ class ExpertActor:
 
 # ------------------------------------------------------------------------------- rollouts
 def rollout(actor, vec_env, episodes: list, seeds: list, videos: int = 0,
-            final_frames: bool = True) -> tuple[list, dict, dict]:
+            final_frames: bool = True, progress: bool = False) -> tuple[list, dict, dict]:
     """Run the episodes (indices with their seeds) on ``vec_env``, ``n_envs`` at a time.
 
     Returns (records in episode order, {episode: video frames} for episodes ``< videos``,
@@ -262,6 +262,9 @@ def rollout(actor, vec_env, episodes: list, seeds: list, videos: int = 0,
                 if imgs is not None and slot[i][0] < videos:
                     frames[slot[i][0]] = [(np.asarray(imgs[i]), 0, 0.0)]
 
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(episodes), desc="episodes", disable=not progress, dynamic_ncols=True)
     start(range(n))
     while any(s is not None for s in slot):
         active = np.array([s is not None for s in slot])
@@ -289,6 +292,9 @@ def rollout(actor, vec_env, episodes: list, seeds: list, videos: int = 0,
                                 "rewards": [round(x, 6) for x in r.tolist()], "final_info": info})
         if ended.any():
             start(np.flatnonzero(ended))
+            bar.update(int(ended.sum()))
+            bar.set_postfix(success=f"{np.mean([r['success'] for r in records]):.2f}")
+    bar.close()
     records.sort(key=lambda rec: rec["episode"])
     return records, frames, finals
 
@@ -412,7 +418,8 @@ def evaluate(cfg: EvalConfig) -> dict:
                 policy = _load_policy(policy_dir, label, device)
                 actor = PolicyActor(policy, n_envs, device, cfg.num_inference_steps, smoothing,
                                     cfg.ensemble_k)
-            records, frames, finals = rollout(actor, vec, episodes, seeds, videos=cfg.videos)
+            records, frames, finals = rollout(actor, vec, episodes, seeds, videos=cfg.videos,
+                                              progress=rank == 0 and sys.stderr.isatty())
         finally:
             vec.close()
         out.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,6 @@ class PickPlaceExpert:
 
     def reset(self, env, rng: np.random.Generator) -> None:
         u = env.unwrapped
-        self.rng = rng
         self.speed = rng.uniform(0.025, 0.05)  # m per 0.1 s step while moving freely
         self.slow = rng.uniform(0.4, 0.7)  # fraction of the speed on the way down
         self.yaw_speed = rng.uniform(0.25, 0.45)  # rad per step
@@ -42,7 +41,6 @@ class PickPlaceExpert:
         self.retreat_h = rng.uniform(0.08, 0.16)
         self.approach_off = rng.normal(0.0, 0.01, size=2)  # where the descent begins
         self.carry_off = np.clip(rng.normal(0.0, 0.025, size=2), -0.05, 0.05)  # of the via point
-        self.via, self.via_done = None, False
         self.grasp_off = np.clip(rng.normal(0.0, 0.002, size=2), -0.004, 0.004)
         self.ref_pos = u.ee_pos
         self.ref_yaw = u.ee_yaw

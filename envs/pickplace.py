@@ -73,9 +73,11 @@ class PickPlaceEnv(gym.Env):
       The target is visible only in the images.
 
     ## Rewards
-    In [0, 1]: 1 on success; otherwise ``0.25 * reach + 0.25 * grasped + 0.4 * grasped * place``
-    where ``reach = 1 - tanh(10 |ee - cube|)`` and ``place = 1 - tanh(10 |cube_xy - target_xy|)``
-    (so at most 0.9 before success).
+    Staged, in [0, 1]: 1 on success; otherwise
+    ``0.2 * reach + 0.2 * grasped + 0.2 * lifted + 0.3 * grasped * place`` (at most 0.9), where
+    ``reach = 1 - tanh(10 |ee - cube|)``, ``grasped`` = both fingers touch the cube, ``lifted`` =
+    grasped with the cube 2 cm above its resting height or over the target, and
+    ``place = 1 - tanh(10 |cube_xy - target_xy|)``.
 
     ## Starting State
     The arm starts near its home pose (grasp point at (0.4, 0, 0.25), joints perturbed by
@@ -270,7 +272,8 @@ class PickPlaceEnv(gym.Env):
         else:
             reach = 1.0 - np.tanh(10.0 * np.linalg.norm(ee - cube))
             place = 1.0 - np.tanh(10.0 * dist_xy)
-            reward = 0.25 * reach + 0.25 * grasped + 0.4 * grasped * place
+            lifted = grasped and (cube[2] > CUBE_HALF + 0.02 or dist_xy < SUCCESS_TOL)
+            reward = 0.2 * reach + 0.2 * grasped + 0.2 * lifted + 0.3 * grasped * place
         terminated = bool(success or off_table)
         return self._get_obs(), float(reward), terminated, False, {
             "success": bool(success), "grasped": bool(grasped)}

@@ -105,8 +105,8 @@ def main():
             lazy = not store.cache_images and "image" in keys
             runs = [measure(store, keys, args.seconds, lazy) for _ in range(args.repeats)]
             n_windows = runs[0][0]
-            print(f"\n{name}: {store.n_episodes} episodes, {store.n_steps} steps, {n_windows} windows,"
-                  f" B={B}, H={H}, To={TO}")
+            print(f"\n{name}: {store.n_episodes} episodes, {store.n_steps} steps, "
+                  f"{n_windows} windows, B={B}, H={H}, To={TO}")
             for path in runs[0][1]:
                 values = [r[1][path] for r in runs]
                 print(f"  {path:32s} median {np.median(values):>12,.0f} windows/s  "

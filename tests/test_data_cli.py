@@ -121,5 +121,6 @@ def test_real_command_line(tmp_path):
     cmd = [sys.executable, "-m", "diffusion_policy.data.cli"]
     ok = subprocess.run(cmd + ["validate", str(path)], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    bad = subprocess.run(cmd + ["validate", str(tmp_path / "n.zarr")], capture_output=True, text=True)
+    bad = subprocess.run(cmd + ["validate", str(tmp_path / "n.zarr")], capture_output=True,
+                         text=True)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "NaN" in bad.stderr

@@ -131,9 +131,12 @@ def write_v2(path, lengths):
               "keypoint": rng.normal(size=(n, 9, 2)).astype(np.float32),
               "img": rng.uniform(0, 255, size=(n, 16, 16, 3)).astype(np.float32)}
     for key, value in arrays.items():
-        data.create_array(key, shape=value.shape, chunks=(4,) + value.shape[1:], dtype=value.dtype)[:] = value
-    root.create_group("meta").create_array("episode_ends", shape=(len(lengths),), dtype="int64")[:] = \
-        np.cumsum(lengths)
+        arr = data.create_array(key, shape=value.shape, chunks=(4,) + value.shape[1:],
+                                dtype=value.dtype)
+        arr[:] = value
+    ends = root.create_group("meta").create_array("episode_ends", shape=(len(lengths),),
+                                                  dtype="int64")
+    ends[:] = np.cumsum(lengths)
     return arrays
 
 

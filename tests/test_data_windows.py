@@ -17,7 +17,8 @@ def arrays():
     t = np.arange(N)
     return {"action": np.stack([t, -t], 1).astype(np.float32),
             "state": t[:, None].astype(np.float32).repeat(3, 1),
-            "image": (t % 256).astype(np.uint8)[:, None, None, None] * np.ones((1, 4, 4, 3), np.uint8)}
+            "image": (t % 256).astype(np.uint8)[:, None, None, None]
+            * np.ones((1, 4, 4, 3), np.uint8)}
 
 
 def reference_windows(lengths, H, pad_before, pad_after):
@@ -66,7 +67,8 @@ def test_first_executed_action_is_index_To_minus_1():
         # the Ta executed actions are the next steps (or the repeated last step of the episode)
         ep_end = ENDS[s.episode_of_window] - 1
         for k in range(Ta):
-            np.testing.assert_array_equal(b["action"][:, To - 1 + k, 0], np.minimum(now + k, ep_end))
+            np.testing.assert_array_equal(b["action"][:, To - 1 + k, 0],
+                                          np.minimum(now + k, ep_end))
 
 
 def test_gather_shapes_and_types():

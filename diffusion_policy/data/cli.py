@@ -40,8 +40,8 @@ def validate_store(path) -> tuple[list[str], list[str]]:
         for key in store.keys():
             arr = store.zarr_array(key)
             if arr.shape[0] > n:
-                notes.append(f"{store.path}: data/{key} has {arr.shape[0] - n} steps after the last "
-                             f"episode end (uncommitted; the next append overwrites them)")
+                notes.append(f"{store.path}: data/{key} has {arr.shape[0] - n} steps after the "
+                             f"last episode end (uncommitted; the next append overwrites them)")
             if not np.issubdtype(np.dtype(arr.dtype), np.floating):
                 continue
             block = max(1, (64 << 20) // max(1, int(np.prod(arr.shape[1:])) * arr.dtype.itemsize))
@@ -56,8 +56,8 @@ def validate_store(path) -> tuple[list[str], list[str]]:
                 if bad.any():
                     t = s + int(np.flatnonzero(bad)[0])
                     ep = int(np.searchsorted(store.episode_ends, t, side="right"))
-                    errors.append(f"{store.path}: data/{key} has NaN/inf at step {t} (episode {ep}), "
-                                  f"expected finite values")
+                    errors.append(f"{store.path}: data/{key} has NaN/inf at step {t} "
+                                  f"(episode {ep}), expected finite values")
                     break
         partial = [] if store.path.is_file() else partial_files(store.path)
         if partial:
@@ -104,7 +104,8 @@ def info(path) -> str:
     """The report printed by ``dp-data info``."""
     with EpisodeStore.open(path, mode="r") as store:
         lengths = store.episode_lengths
-        lines = [f"{store.path} (zarr v{store.zarr_format}, {_size(disk_usage(store.path))} on disk)",
+        size = _size(disk_usage(store.path))
+        lines = [f"{store.path} (zarr v{store.zarr_format}, {size} on disk)",
                  f"  episodes: {store.n_episodes}", f"  steps:    {store.n_steps}"]
         if len(lengths):
             lines.append(f"  episode length: min {lengths.min()}, median {np.median(lengths):g}, "
@@ -113,10 +114,11 @@ def info(path) -> str:
         for key in store.keys():
             arr = store.zarr_array(key)
             shape = (store.n_steps,) + tuple(arr.shape[1:])
-            extra = f" (+{arr.shape[0] - store.n_steps} uncommitted)" if arr.shape[0] > store.n_steps \
-                else ""
-            lines.append(f"    {key}: shape {shape}{extra}, {arr.dtype}, chunks {tuple(arr.chunks)}, "
-                         f"{_codecs(arr)}, {_size(disk_usage(store.path, f'data/{key}'))}")
+            tail = arr.shape[0] - store.n_steps
+            extra = f" (+{tail} uncommitted)" if tail > 0 else ""
+            size = _size(disk_usage(store.path, f"data/{key}"))
+            lines.append(f"    {key}: shape {shape}{extra}, {arr.dtype}, "
+                         f"chunks {tuple(arr.chunks)}, {_codecs(arr)}, {size}")
         return "\n".join(lines)
 
 

@@ -65,12 +65,13 @@ class Normalizer(nn.Module):
     # ---------------------------------------------------------------- fitting
     @classmethod
     def fit(cls, arrays: Mapping, modes: Mapping[str, str], eps: float = EPS) -> "Normalizer":
-        """Fit from ``arrays[key]`` of shape (N, ...) (an :class:`EpisodeStore` works; image keys are
-        not read). Statistics are over all axes but the last."""
+        """Fit from ``arrays[key]`` of shape (N, ...) (an :class:`EpisodeStore` works; image keys
+        are not read). Statistics are over all axes but the last."""
         norm = cls()
         for key, mode in modes.items():
             if mode not in MODES:
-                raise ValueError(f"Normalizer: mode of {key!r} is {mode!r}, expected one of {MODES}")
+                raise ValueError(f"Normalizer: mode of {key!r} is {mode!r}, expected one of "
+                                 f"{MODES}")
             if mode == "image":
                 entry = _KeyStats(mode, 1)
                 entry.scale.fill_(1 / 255)
@@ -78,7 +79,8 @@ class Normalizer(nn.Module):
                 continue
             x = np.asarray(arrays[key])
             if x.ndim < 1 or x.shape[0] == 0:
-                raise ValueError(f"Normalizer: {key!r} has shape {x.shape}, expected (N, ...) with N >= 1")
+                raise ValueError(f"Normalizer: {key!r} has shape {x.shape}, expected (N, ...) "
+                                 f"with N >= 1")
             x = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(-1, 1)
             if not np.isfinite(x).all():
                 raise ValueError(f"Normalizer: {key!r} contains NaN/inf, expected finite values")

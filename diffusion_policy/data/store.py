@@ -45,7 +45,8 @@ LOWDIM_CHUNK_BYTES = 1 << 20  # low-dim: long time chunks (read once, whole, int
 
 
 def is_image_shape(step_shape: tuple) -> bool:
-    """A key whose per-step shape has rank >= 3 (H, W, C) is an image: read lazily, chunked by frame."""
+    """A key whose per-step shape has rank >= 3 (H, W, C) is an image: read lazily, chunked by
+    frame."""
     return len(step_shape) >= 3
 
 
@@ -69,9 +70,9 @@ def _direct_chunk_reader(array: zarr.Array):
     """A function ``chunk index -> ndarray`` that reads chunk files of ``array`` directly, or None.
 
     Only for arrays laid out as this module writes them (zarr v3 in a local directory, chunked along
-    time only, codecs = bytes + Blosc, default '/' chunk keys). zarr's per-chunk overhead is about
-    0.5 ms, twenty times the Blosc decode of a 4-frame chunk, and random window reads touch one chunk
-    per frame; anything else goes through zarr.
+    time only, codecs = bytes + Blosc, default '/' chunk keys). zarr's per-chunk overhead is
+    about 0.5 ms, twenty times the Blosc decode of a 4-frame chunk, and random window reads touch
+    one chunk per frame; anything else goes through zarr.
     """
     from numcodecs import Blosc
     from zarr.codecs import BytesCodec
@@ -175,7 +176,8 @@ def _open_group(path: Path, mode: str) -> tuple[zarr.Group, object]:
         if not zipfile.is_zipfile(path):
             raise StoreError(f"{path}: not a Zarr store (a file that is not a .zarr.zip)")
         if mode != "r":
-            raise StoreError(f"{path}: a .zarr.zip store opens read-only (mode='r'), got mode={mode!r}")
+            raise StoreError(f"{path}: a .zarr.zip store opens read-only (mode='r'), "
+                             f"got mode={mode!r}")
         backend = zarr.storage.ZipStore(path, mode="r")
     else:
         backend = zarr.storage.LocalStore(path, read_only=(mode == "r"))
@@ -243,8 +245,8 @@ class EpisodeStore:
         n = self.n_steps
         for key, arr in sorted(self._arrays.items()):
             if arr.ndim == 0:
-                raise StoreError(f"{self.path}: data/{key} is a scalar, expected an array with time "
-                                 f"on axis 0")
+                raise StoreError(f"{self.path}: data/{key} is a scalar, expected an array with "
+                                 f"time on axis 0")
             if arr.shape[0] < n:
                 raise StoreError(f"{self.path}: data/{key} has {arr.shape[0]} steps, expected at "
                                  f"least {n} (meta/episode_ends[-1])")
@@ -299,8 +301,8 @@ class EpisodeStore:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"EpisodeStore({str(self.path)!r}, episodes={self.n_episodes}, steps={self.n_steps}, "
-                f"keys={self.keys()})")
+        return (f"EpisodeStore({str(self.path)!r}, episodes={self.n_episodes}, "
+                f"steps={self.n_steps}, keys={self.keys()})")
 
     # ------------------------------------------------------------------ reading
     @property
@@ -406,13 +408,15 @@ class EpisodeStore:
         self._commit_ends(np.append(self._ends, n + length))
         for key, v in data.items():
             if key in self._cache:
-                self._cache[key] = np.concatenate([self._cache[key], v.astype(self._cache[key].dtype)])
+                old = self._cache[key]
+                self._cache[key] = np.concatenate([old, v.astype(old.dtype)])
 
     def _check_same_keys(self, data: Mapping[str, np.ndarray]) -> None:
         missing, extra = set(self._arrays) - set(data), set(data) - set(self._arrays)
         if missing or extra:
-            raise StoreError(f"{self.path}: add_episode: keys {sorted(data)} differ from the store's "
-                             f"{self.keys()} (missing {sorted(missing)}, unknown {sorted(extra)})")
+            raise StoreError(f"{self.path}: add_episode: keys {sorted(data)} differ from the "
+                             f"store's {self.keys()} (missing {sorted(missing)}, unknown "
+                             f"{sorted(extra)})")
         for key, v in data.items():
             arr = self._arrays[key]
             if v.shape[1:] != tuple(arr.shape[1:]):

@@ -48,7 +48,8 @@ def split_episodes(n_episodes: int, val_ratio: float, seed: int,
 
 
 def _take(array, t: np.ndarray):
-    """``array[t]`` along axis 0 for numpy arrays, torch tensors (on their device) and lazy arrays."""
+    """``array[t]`` along axis 0 for numpy arrays, torch tensors (on their device) and lazy
+    arrays."""
     if isinstance(array, torch.Tensor):
         return array[torch.from_numpy(t).to(array.device)]
     if isinstance(array, np.ndarray):
@@ -73,7 +74,8 @@ class WindowSampler:
         self.pad_after = n_action_steps - 1 if pad_after is None else int(pad_after)
         for name, pad in (("pad_before", self.pad_before), ("pad_after", self.pad_after)):
             if not 0 <= pad < horizon:
-                raise ValueError(f"WindowSampler: {name} must be in [0, H-1={horizon - 1}], got {pad}")
+                raise ValueError(f"WindowSampler: {name} must be in [0, H-1={horizon - 1}], "
+                                 f"got {pad}")
         ends = np.asarray(episode_ends, dtype=np.int64)
         starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
         eps = np.arange(len(ends)) if episodes is None else np.asarray(episodes, dtype=np.int64)
@@ -97,8 +99,8 @@ class WindowSampler:
     def __len__(self) -> int:
         return len(self.sample_indices)
 
-    def gather(self, arrays: Mapping, idx, obs_keys: Sequence[str], action_key: str | None = "action"
-               ) -> dict:
+    def gather(self, arrays: Mapping, idx, obs_keys: Sequence[str],
+               action_key: str | None = "action") -> dict:
         """Batch of windows ``idx`` (B,): ``{"obs": {key: (B, To, ...)}, "action": (B, H, Da)}``.
 
         ``arrays`` maps keys to numpy arrays, torch tensors (gathered on their device) or lazy
@@ -133,7 +135,8 @@ class WindowBatch(Sequence):
     def __getitem__(self, i: int) -> dict:
         if not -len(self) <= i < len(self):
             raise IndexError(i)
-        return {"obs": {k: v[i] for k, v in self.batch["obs"].items()}, "action": self.batch["action"][i]}
+        return {"obs": {k: v[i] for k, v in self.batch["obs"].items()},
+                "action": self.batch["action"][i]}
 
 
 def collate_windows(batch):

@@ -1,5 +1,5 @@
 """EpisodeStore: appends, reads, pops, copies, v2 and .zarr.zip stores, chunking and compression."""
-import shutil
+import zipfile
 
 import numpy as np
 import pytest
@@ -142,7 +142,11 @@ def write_v2(path, lengths):
 
 def test_opens_v2_store_and_zip(tmp_path):
     arrays = write_v2(tmp_path / "v2.zarr", [6, 4, 5])
-    shutil.make_archive(str(tmp_path / "v2.zarr"), "zip", tmp_path / "v2.zarr")
+    # file entries only, uncompressed, as zarr 2's ZipStore writes them (no directory entries)
+    with zipfile.ZipFile(tmp_path / "v2.zarr.zip", "w", zipfile.ZIP_STORED) as zf:
+        for f in sorted((tmp_path / "v2.zarr").rglob("*")):
+            if f.is_file():
+                zf.write(f, f.relative_to(tmp_path / "v2.zarr").as_posix())
     for name in ("v2.zarr", "v2.zarr.zip"):
         with EpisodeStore.open(tmp_path / name) as s:
             assert s.zarr_format == 2

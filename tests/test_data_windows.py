@@ -41,6 +41,14 @@ def test_windows_match_reference_and_stay_in_episode(H, To, Ta):
     np.testing.assert_array_equal(episode[:, 0], s.episode_of_window)
 
 
+def test_custom_padding_and_short_episodes():
+    s = WindowSampler(ENDS, 5, 2, 3, pad_before=0, pad_after=0)
+    np.testing.assert_array_equal(s.sample_indices, reference_windows(LENGTHS, 5, 0, 0))
+    assert s.n_skipped_episodes == 2  # lengths 4 and 1 hold no 5-step window without padding
+    with pytest.raises(ValueError, match="pad_after must be in"):
+        WindowSampler(ENDS, 5, 2, 3, pad_after=5)
+
+
 def test_edge_padding_repeats_edge_frames():
     H, To, Ta = 8, 2, 4
     s = WindowSampler(ENDS, H, To, Ta)

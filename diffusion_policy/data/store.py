@@ -382,15 +382,18 @@ class EpisodeStore:
         if not data:
             raise StoreError(f"{self.path}: add_episode got no arrays")
         data = {k: np.asarray(v) for k, v in data.items()}
-        first = next(iter(data))
-        length = len(data[first]) if data[first].ndim else 0
         for key, v in data.items():
-            if not key or "/" in key or key.startswith(".") or "." in key:
+            if not key or "/" in key or "." in key:
                 raise StoreError(f"{self.path}: key {key!r} is not a plain name (no '/', '.')")
-            if v.ndim == 0 or len(v) != length:
-                raise StoreError(f"{self.path}: add_episode: data[{key!r}] has "
-                                 f"{len(v) if v.ndim else 0} steps, expected {length} "
-                                 f"(the length of data[{first!r}])")
+            if v.ndim == 0:
+                raise StoreError(f"{self.path}: add_episode: data[{key!r}] is a scalar, expected "
+                                 f"an array with time on axis 0")
+        first = next(iter(data))
+        length = len(data[first])
+        for key, v in data.items():
+            if len(v) != length:
+                raise StoreError(f"{self.path}: add_episode: data[{key!r}] has {len(v)} steps, "
+                                 f"expected {length} (the length of data[{first!r}])")
         if length == 0:
             raise StoreError(f"{self.path}: add_episode: episode has 0 steps, expected at least 1")
         n = self.n_steps

@@ -99,3 +99,93 @@ def test_generative_policy_samples_both_modes_and_regression_averages(method_cfg
     assert np.abs(lateral_mse).max() < 0.25 * AMPLITUDE, "the MSE regressor should average the two modes"
     # ... which is also what the generative samples average to
     assert abs(lateral.mean()) < 0.15
+
+
+def _image_policy(tmp_method: MethodConfig) -> tuple[Policy, dict]:
+    torch.manual_seed(0)
+    task = TaskConfig(name="toy_image", env_id="none", obs_keys=["image", "pos"], image_keys=["image"],
+                      horizon=H, n_obs_steps=TO, n_action_steps=TA)
+    rng = np.random.default_rng(0)
+    pos, act = rng.normal(size=(50, 2)).astype(np.float32), rng.normal(size=(50, 2)).astype(np.float32)
+    normalizer = Normalizer.fit({"pos": pos, "action": act},
+                                {"pos": "minmax", "action": "minmax", "image": "image"})
+    cfg = PolicyConfig(name="unet", down_dims=[16, 32], time_embed_dim=16,
+                       obs_encoder=ObsEncoderConfig(crop_ratio=0.875, image_feature_dim=8, backbone_width=8))
+    policy = Policy.build(task, cfg, tmp_method, normalizer, {"image": (32, 32, 3), "pos": (2,)}, 2)
+    obs = {"image": torch.from_numpy(rng.integers(0, 256, (3, TO, 32, 32, 3), dtype=np.uint8)),
+           "pos": torch.from_numpy(rng.normal(size=(3, TO, 2)).astype(np.float32))}
+    return policy, obs
+
+
+@pytest.mark.parametrize("method_cfg", [
+    MethodConfig(name="diffusion", scheduler="ddpm", num_inference_steps=5),
+    MethodConfig(name="diffusion", scheduler="dpmsolver", clip_sample=False, num_inference_steps=4),
+    MethodConfig(name="flow", integrator="heun", num_inference_steps=3),
+], ids=["ddpm", "dpmsolver", "flow"])
+def test_save_load_round_trip_gives_identical_predictions(method_cfg, tmp_path):
+    policy, obs = _image_policy(method_cfg)
+    batch = {"obs": obs, "action": torch.randn(3, H, 2)}
+    policy.compute_loss(batch).backward()  # trains on raw uint8 images
+    policy.eval()
+    before = policy.predict(obs, generator=torch.Generator().manual_seed(7))
+    again = policy.predict(obs, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(before, again), "sampling must be deterministic given a generator"
+    other = policy.predict(obs, generator=torch.Generator().manual_seed(8))
+    assert not torch.allclose(before, other)
+
+    policy.save(tmp_path / "p")
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["config.json", "model.safetensors"]
+    cfg = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert cfg["method"]["name"] == method_cfg.name and cfg["shapes"]["image"] == [32, 32, 3]
+    loaded = Policy.load(tmp_path / "p")
+    assert not loaded.training
+    after = loaded.predict(obs, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(before, after)
+    for (k, a), (k2, b) in zip(policy.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    assert loaded.horizon == H and loaded.n_obs_steps == TO and loaded.n_action_steps == TA
+    assert loaded.obs_keys == ["image", "pos"] and loaded.image_keys == ["image"]
+
+
+def test_ema_copy_and_state_dict():
+    """Training keeps an EMA with copy.deepcopy; the normalizer has no parameters to average."""
+    import copy
+
+    policy, obs = _image_policy(MethodConfig(name="flow", num_inference_steps=2))
+    ema = copy.deepcopy(policy).requires_grad_(False)
+    names = [n for n, _ in policy.named_parameters()]
+    assert names and all(n.startswith(("encoder.", "net.")) for n in names)
+    assert any(k.startswith("normalizer.") for k in policy.state_dict())
+    ema.eval()
+    assert ema.predict(obs, generator=torch.Generator().manual_seed(0)).shape == (3, H, 2)
+
+
+def test_predict_checks_observation_shapes_and_inpaints_a_prefix():
+    obs, actions = bimodal_toy(64, seed=0)
+    policy = make_policy(PolicyConfig(name="mlp", hidden_dims=[32]), MethodConfig(name="flow", num_inference_steps=3),
+                         obs, actions).eval()
+    with pytest.raises(ValueError, match="expected \\(B, To=2, 2\\)"):
+        policy.predict({"pos": torch.zeros(1, 3, 2)})
+    with pytest.raises(KeyError, match="missing key 'pos'"):
+        policy.predict({"state": torch.zeros(1, 2, 2)})
+    prefix = torch.from_numpy(actions[:4, :3])  # raw units
+    chunk = policy.predict({"pos": torch.from_numpy(obs[:4])}, prefix=prefix,
+                           generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(chunk[:, :3], prefix, atol=1e-5, rtol=1e-5)  # exact up to float rounding
+
+
+def test_policy_builds_from_every_config_file():
+    from diffusion_policy.config import compose
+
+    for policy_name in ("unet", "unet_small", "transformer", "mlp"):
+        for method_name in ("ddpm", "ddim", "dpmsolver", "flow", "regression"):
+            cfg = compose("train", [f"policy={policy_name}", f"method={method_name}", "task=pusht"])
+            assert cfg.policy.name == ("unet" if policy_name.startswith("unet") else policy_name)
+    cfg = compose("train", ["policy=unet_small", "method=ddim", "task=pusht"])
+    assert cfg.method.num_inference_steps == 10 and cfg.method.num_train_timesteps == 100
+    normalizer = Normalizer.fit({"keypoint": np.zeros((4, 18)), "agent_pos": np.zeros((4, 2)),
+                                 "action": np.zeros((4, 2))},
+                                {"keypoint": "minmax", "agent_pos": "minmax", "action": "minmax"})
+    policy = Policy.build(cfg.task, cfg.policy, cfg.method, normalizer,
+                          {"keypoint": (18,), "agent_pos": (2,)}, 2)
+    assert policy.encoder.out_dim == 20

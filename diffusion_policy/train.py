@@ -26,7 +26,7 @@ import torch.distributed as dist
 from diffusion_policy import checkpoint as ckpt
 from diffusion_policy.config import ConfigError, TrainConfig, as_dict, compose
 from diffusion_policy.data.normalize import Normalizer
-from diffusion_policy.data.store import EpisodeStore
+from diffusion_policy.data.store import EpisodeStore, StoreError
 from diffusion_policy.data.windows import WindowSampler, split_episodes
 from diffusion_policy.logger import Logger
 from diffusion_policy.policy import Policy
@@ -147,7 +147,7 @@ def train(cfg: TrainConfig) -> dict:
 
     # ---- data: episodes split by a seed, normalizer fitted on the training episodes only
     task = cfg.task
-    store = EpisodeStore.open(cfg.data)
+    store = EpisodeStore.open(cfg.data, cache_images=bool(task.image_keys))  # images: in memory
     keys = list(task.obs_keys) + [task.action_key]
     missing = [k for k in keys if k not in store.keys()]
     if missing:
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = compose("train", argv)
         train(cfg)
-    except ConfigError as e:
+    except (ConfigError, StoreError) as e:
         print(f"dp-train: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

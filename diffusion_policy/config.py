@@ -223,6 +223,11 @@ class EvalConfig:
     the overlap of the old chunk into the new one); see diffusion_policy/control/controller.py."""
     ensemble_k: float = 0.01
     """Temporal ensembling weight ``exp(-k i)``, ``i = 0`` the oldest prediction (ACT)."""
+    episode_generators: bool = True
+    """One sampler generator per episode, seeded with its env seed: results do not depend on
+    ``n_envs`` or ranks, but environments replanning together share a ``predict`` call only if the
+    method accepts a list of generators (else one call each). False: one shared generator and
+    batched calls, reproducible only for the same ``n_envs`` and ranks."""
 
 
 def register_configs() -> None:

@@ -17,6 +17,8 @@ Environments run in ``AsyncVectorEnv`` worker processes started with ``forkserve
 run in-process. Environments that replan at the same step share one ``predict`` call when the
 policy's sampler accepts a list of generators (one per row, as diffusers' ``randn_tensor`` does);
 otherwise each gets its own call, which keeps the per-episode noise exact (see the controller).
+``episode_generators=false`` trades that for speed: one shared generator, always batched,
+reproducible for the same ``n_envs`` and ranks only (benchmarks/eval_rollouts.md: 12x on a GPU).
 Under ``torchrun`` rank ``r`` runs episodes ``r, r + W, ...``, writes ``parts/rank<r>.json`` (or
 gathers over torch.distributed when it is initialized) and rank 0 merges and writes the report.
 """
@@ -158,21 +160,26 @@ def _env_info(infos: dict, i: int) -> dict:
 
 # ------------------------------------------------------------------------------- actors
 class PolicyActor:
-    """A policy behind the receding-horizon controller; one sampler generator per episode."""
+    """A policy behind the receding-horizon controller.
+
+    ``shared_seed=None``: one sampler generator per episode, seeded with the episode's env seed.
+    Otherwise one generator seeded with ``shared_seed`` for all, so rows are always batched.
+    """
 
     def __init__(self, policy, n_envs, device, num_inference_steps=None, smoothing="none",
-                 ensemble_k=0.01):
+                 ensemble_k=0.01, shared_seed: int | None = None):
         import torch
 
         from diffusion_policy.control import RecedingHorizonController
 
-        self._torch, self.device = torch, device
+        self._torch, self.device, self.shared = torch, device, shared_seed is not None
+        shared = torch.Generator(device=device).manual_seed(shared_seed) if self.shared else None
         self.controller = RecedingHorizonController(
             policy, n_envs, smoothing=smoothing, ensemble_k=ensemble_k,
-            num_inference_steps=num_inference_steps, device=device)
+            num_inference_steps=num_inference_steps, generator=shared, device=device)
 
     def begin(self, i, seed, env=None):
-        gen = self._torch.Generator(device=self.device).manual_seed(int(seed))
+        gen = None if self.shared else self._torch.Generator(device=self.device).manual_seed(int(seed))
         self.controller.reset([i], generator=gen)
 
     def act(self, obs, active, vec_env=None):
@@ -417,7 +424,8 @@ def evaluate(cfg: EvalConfig) -> dict:
                                  saved.get("shapes"), vec.single_observation_space)
                 policy = _load_policy(policy_dir, label, device)
                 actor = PolicyActor(policy, n_envs, device, cfg.num_inference_steps, smoothing,
-                                    cfg.ensemble_k)
+                                    cfg.ensemble_k,
+                                    None if cfg.episode_generators else seeds[0])
             records, frames, finals = rollout(actor, vec, episodes, seeds, videos=cfg.videos,
                                               progress=rank == 0 and sys.stderr.isatty())
         finally:
@@ -434,7 +442,8 @@ def evaluate(cfg: EvalConfig) -> dict:
             "seed": cfg.seed, "seed_base": EVAL_SEED_BASE, "world_size": world, "n_envs": n_envs,
             "device": device, "max_episode_steps": max_steps,
             "num_inference_steps": cfg.num_inference_steps,
-            "smoothing": smoothing, "expert": cfg.checkpoint == "expert"}
+            "smoothing": smoothing, "episode_generators": cfg.episode_generators,
+            "expert": cfg.checkpoint == "expert"}
     if rank != 0:
         return {}
     records = sorted((r for p in parts for r in p["records"]), key=lambda r: r["episode"])

@@ -263,6 +263,7 @@ def _markdown(out: Path, m: dict, records: list, sheet: bool, block: int, rates,
         f"{_fmt(m['latency_p99_ms'], '.1f')} ({m['predict_calls']} calls) |",
         f"| sampler steps | {m['num_inference_steps'] or 'policy default'} |",
         f"| smoothing | {m['smoothing']} |",
+        f"| sampler generators | {'one per episode' if m.get('episode_generators', True) else 'shared'} |",
         "",
         "Success = the env's `info['success']` on any step; max reward = the episode's highest step "
         "reward (the Push-T convention of Chi et al.).",

@@ -165,3 +165,14 @@ def test_run_episodes_for_training_selection(standin):
     m = ev.run_episodes(NoisyReacher(), task, seeds, device="cpu", n_envs=1)
     assert m["episodes"] == 2 and m["seeds"] == seeds
     assert 0.0 <= m["success_rate"] <= 1.0 and "mean_max_reward" in m
+
+
+def test_shared_generator_batches_and_is_reproducible_for_fixed_n_envs(tmp_path, standin):
+    _policy_dir(tmp_path / "ckpt")
+    runs = [ev.evaluate(_cfg(tmp_path, episodes=2, n_envs=2, videos=0, episode_generators=False,
+                             out=str(tmp_path / d))) for d in ("a", "b")]
+    read = lambda d: [json.loads(x) for x in (tmp_path / d / "episodes.jsonl").read_text().splitlines()]
+    assert read("a") == read("b") and not runs[0]["episode_generators"]
+    per_episode = ev.evaluate(_cfg(tmp_path, episodes=2, n_envs=2, videos=0, out=str(tmp_path / "c")))
+    # the stand-in draws with torch.randn (no generator lists): per-episode mode calls once per env
+    assert runs[0]["predict_calls"] < per_episode["predict_calls"]

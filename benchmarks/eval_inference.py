@@ -91,6 +91,8 @@ def main() -> None:
     ap.add_argument("--n-envs", type=int, default=0)
     ap.add_argument("--videos", type=int, default=1)
     ap.add_argument("--no-eval", action="store_true", help="only the latency table")
+    ap.add_argument("--eval-modes", nargs="+", default=["true", "false"],
+                    help="episode_generators values to run dp-eval with")
     args = ap.parse_args()
     os.environ.setdefault("MUJOCO_GL", "egl")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-"
@@ -109,16 +111,18 @@ def main() -> None:
         del pol
         if args.no_eval:
             return
-        t0 = time.perf_counter()
-        m = evaluate(compose("eval", [f"checkpoint={run}", f"episodes={args.episodes}", f"videos={args.videos}",
-                                      f"n_envs={args.n_envs}", f"device={args.device}",
-                                      f"out={Path(d) / 'out'}"]))
-        wall = time.perf_counter() - t0
-        steps = m["mean_episode_length"] * m["episodes"]
-        print(f"\ndp-eval: {m['episodes']} episodes x {m['mean_episode_length']:.0f} steps, "
-              f"n_envs={m['n_envs']}: {wall:.1f} s, {steps / wall:.0f} env steps/s, predict "
-              f"p50 {m['latency_p50_ms']:.1f} ms p99 {m['latency_p99_ms']:.1f} ms over "
-              f"{m['predict_calls']} calls")
+        for mode in args.eval_modes:
+            t0 = time.perf_counter()
+            m = evaluate(compose("eval", [f"checkpoint={run}", f"episodes={args.episodes}",
+                                          f"videos={args.videos}", f"n_envs={args.n_envs}",
+                                          f"device={args.device}", f"episode_generators={mode}",
+                                          f"out={Path(d) / ('out-' + mode)}"]))
+            wall = time.perf_counter() - t0
+            steps = m["mean_episode_length"] * m["episodes"]
+            print(f"\ndp-eval episode_generators={mode}: {m['episodes']} episodes x "
+                  f"{m['mean_episode_length']:.0f} steps, n_envs={m['n_envs']}: {wall:.1f} s, "
+                  f"{steps / wall:.0f} env steps/s, predict p50 {m['latency_p50_ms']:.1f} ms "
+                  f"p99 {m['latency_p99_ms']:.1f} ms over {m['predict_calls']} calls", flush=True)
 
 
 if __name__ == "__main__":

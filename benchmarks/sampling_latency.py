@@ -18,14 +18,15 @@ Modes (``--modes``; on CPU only ``eager`` and ``compile`` apply):
   schedule, does no host-device synchronisation and makes no host-to-device copies (the methods
   cache their time grids on the device), and the graph advances the CUDA RNG on every replay.
 - ``compile+graph``: the compiled network inside the captured loop.
-On CUDA every mode runs in fp32 and in bf16 (autocast around the network; the sampler state stays
-fp32). Each row: median and p99 over ``--calls`` timed calls after ``--warmup`` calls, the device
+On CUDA every mode runs in fp32 and in bf16 (a bf16 copy of the weights, autocast around the
+network so that GroupNorm runs in fp32; the sampler state stays fp32). Each row: median and p99 over ``--calls`` timed calls after ``--warmup`` calls, the device
 synchronised around every call. A mode that fails is recorded with its error and the rest run on.
 Writes a JSON file (``--out``) and prints a markdown table.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import time
@@ -124,6 +125,21 @@ def time_calls(run, obs, device, warmup: int, calls: int) -> tuple[list[float], 
     return times, out
 
 
+def get_net(nets: dict, compiled: bool, dtype_name: str):
+    """The network for a row, built once and shared by the rows that need it: fp32 or a bf16
+    copy (bf16 weights, so autocast has no weight casts to redo on every call), eager or through
+    ``torch.compile`` (one compiled module per precision, reused by every sampler)."""
+    key = (compiled, dtype_name)
+    if key not in nets:
+        if compiled:
+            nets[key] = torch.compile(get_net(nets, False, dtype_name), dynamic=False)
+        elif dtype_name == "bf16":
+            nets[key] = copy.deepcopy(nets[(False, "fp32")]).to(torch.bfloat16)
+        else:
+            raise KeyError(key)
+    return nets[key]
+
+
 def bench_one(policy, nets: dict, sampler: str, mode: str, dtype_name: str, obs, args) -> dict:
     device = policy.device
     method_cfg, steps = SAMPLERS[sampler]
@@ -132,10 +148,7 @@ def bench_one(policy, nets: dict, sampler: str, mode: str, dtype_name: str, obs,
     row = {"sampler": sampler, "steps": steps, "mode": mode, "dtype": dtype_name}
     try:
         t0 = time.perf_counter()
-        if "compile" in mode and "compiled" not in nets:
-            # one compiled module for every row: dynamo recompiles once per autocast state
-            nets["compiled"] = torch.compile(nets["eager"], dynamic=False)
-        net = nets["compiled" if "compile" in mode else "eager"]
+        net = get_net(nets, "compile" in mode, dtype_name)
         fn = chunk_fn(policy, net, steps, dtype)
         if "graph" in mode:
             run = capture(fn, obs, device, args.warmup)
@@ -146,7 +159,8 @@ def bench_one(policy, nets: dict, sampler: str, mode: str, dtype_name: str, obs,
         row["setup_s"] = round(time.perf_counter() - t0, 2)
         times, out = time_calls(run, obs, device, args.warmup, args.calls)
         if out.shape != (1, H, DA) or not torch.isfinite(out).all():
-            raise RuntimeError(f"bad output: shape {tuple(out.shape)}, finite {bool(torch.isfinite(out).all())}")
+            raise RuntimeError(f"bad output: shape {tuple(out.shape)}, "
+                               f"finite {bool(torch.isfinite(out).all())}")
         row.update(median_ms=float(np.median(times)), p99_ms=float(np.percentile(times, 99)),
                    mean_ms=float(np.mean(times)), calls=len(times))
     except Exception as e:  # record and go on: one failing mode must not hide the others
@@ -168,7 +182,8 @@ def main() -> None:
                    help="default: fp32 on CPU, fp32 and bf16 on CUDA")
     p.add_argument("--calls", type=int, default=200)
     p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/sampling_<device>_<preset>.json)")
+    p.add_argument("--out", default=None,
+                   help="JSON path (default benchmarks/results/sampling_<device>_<preset>.json)")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failing modes")
     args = p.parse_args()
 
@@ -191,7 +206,7 @@ def main() -> None:
 
     rows = []
     policy = build_policy(args.preset, SAMPLERS[args.samplers[0]][0], device)
-    nets = {"eager": policy.net}
+    nets = {(False, "fp32"): policy.net}
     gen = torch.Generator().manual_seed(0)
     obs = {k: (torch.rand(1, TO, *s, generator=gen) * 512).to(device) for k, s in SHAPES.items()}
     for mode in modes:
@@ -219,7 +234,8 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         if "error" in r:
-            print(f"| {r['sampler']} | {r['steps']} | {r['mode']} | {r['dtype']} | failed: {r['error'][:80]} | |")
+            print(f"| {r['sampler']} | {r['steps']} | {r['mode']} | {r['dtype']} | "
+                  f"failed: {r['error'][:80]} | |")
         else:
             print(f"| {r['sampler']} | {r['steps']} | {r['mode']} | {r['dtype']} | {r['median_ms']:.3f} | "
                   f"{r['p99_ms']:.3f} |")

@@ -97,7 +97,8 @@ class Policy(nn.Module):
                 raise KeyError(f"observation is missing key {k!r} (policy obs_keys: {self.obs_keys})")
             x = torch.as_tensor(obs[k])
             if tuple(x.shape[1:]) != (self.n_obs_steps, *self.shapes[k]):
-                raise ValueError(f"obs[{k!r}] has shape {tuple(x.shape)}, expected (B, To={self.n_obs_steps}, "
+                raise ValueError(f"obs[{k!r}] has shape {tuple(x.shape)}, expected "
+                                 f"(B, To={self.n_obs_steps}, "
                                  f"{', '.join(map(str, self.shapes[k]))})")
             nobs[k] = self.normalizer.normalize(k, x.to(device, non_blocking=True))
         return self.encoder(nobs)

@@ -121,7 +121,8 @@ def test_other_beta_schedules(beta_schedule):
     # these schedules were made for T=1000: with T=100 they end far from pure noise (a warning)
     with pytest.warns(UserWarning, match="far from pure noise"):
         DiffusionMethod("ddim", 100, beta_schedule, "epsilon", clip_sample=False, num_inference_steps=10)
-    method = DiffusionMethod("ddim", 1000, beta_schedule, "epsilon", clip_sample=False, num_inference_steps=100)
+    method = DiffusionMethod("ddim", 1000, beta_schedule, "epsilon", clip_sample=False,
+                             num_inference_steps=100)
     net = OptimalDiffusionNet(MIXTURE, method.alphas_cumprod, "epsilon")
     x = method.sample(net, torch.zeros(N, 1, 1), (N, H, DA), generator=torch.Generator().manual_seed(1))
     check_samples(MIXTURE, x)
@@ -145,7 +146,8 @@ def test_discretisation_error_shrinks_with_steps():
     errs = []
     for n in (5, 20, 80):
         x = FlowMatching("beta", "euler", n).sample(
-            OptimalFlowNet(MIXTURE), torch.zeros(N, 1, 1), (N, H, DA), generator=torch.Generator().manual_seed(0)
+            OptimalFlowNet(MIXTURE), torch.zeros(N, 1, 1), (N, H, DA),
+            generator=torch.Generator().manual_seed(0),
         )
         label = ((x.double()[:, None] - MIXTURE.means[None]) ** 2).sum((2, 3)).argmin(1)
         errs.append(abs((x.double()[label == 1].std(0) / MIXTURE.stds[1]).mean().item() - 1))

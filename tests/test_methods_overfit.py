@@ -16,7 +16,8 @@ SCHEDULE = {"unet": (400, 3e-3), "transformer": (600, 3e-3), "mlp": (2000, 1e-3)
 
 NETS = {
     "unet": lambda: ConditionalUnet1D(DA, TO * F, down_dims=[16, 32], time_embed_dim=16),
-    "transformer": lambda: TransformerDenoiser(DA, H, F, TO, n_layer=1, n_head=2, n_emb=32, time_embed_dim=16),
+    "transformer": lambda: TransformerDenoiser(DA, H, F, TO, n_layer=1, n_head=2, n_emb=32,
+                                               time_embed_dim=16),
     "mlp": lambda: MLPDenoiser(DA, H, TO * F, hidden_dims=[256, 256]),
 }
 METHODS = {

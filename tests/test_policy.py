@@ -162,8 +162,8 @@ def test_ema_copy_and_state_dict():
 
 def test_predict_checks_observation_shapes_and_inpaints_a_prefix():
     obs, actions = bimodal_toy(64, seed=0)
-    policy = make_policy(PolicyConfig(name="mlp", hidden_dims=[32]), MethodConfig(name="flow", num_inference_steps=3),
-                         obs, actions).eval()
+    policy = make_policy(PolicyConfig(name="mlp", hidden_dims=[32]),
+                         MethodConfig(name="flow", num_inference_steps=3), obs, actions).eval()
     with pytest.raises(ValueError, match="expected \\(B, To=2, 2\\)"):
         policy.predict({"pos": torch.zeros(1, 3, 2)})
     with pytest.raises(KeyError, match="missing key 'pos'"):

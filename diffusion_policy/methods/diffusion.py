@@ -87,7 +87,7 @@ class DiffusionMethod:
                 f"alphas_cumprod={float(self.alphas_cumprod[-1]):.3f}, far from pure noise; use "
                 "squaredcos_cap_v2 or more training timesteps", stacklevel=2,
             )
-        self._time_cache: dict[tuple[int, str], torch.Tensor] = {}
+        self._time_cache: dict[tuple, list[torch.Tensor]] = {}
 
     def _check_steps(self, n: int) -> None:
         if n < 1:
@@ -114,12 +114,15 @@ class DiffusionMethod:
         return F.mse_loss(pred.float(), target.float())
 
     # ------------------------------------------------------------------------------- sampling
-    def _device_timesteps(self, timesteps: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """The sampler's timesteps as floats on ``device``, cached so that a repeated call makes no
-        host-to-device copy (required to capture the sampling loop in a CUDA graph)."""
+    def _device_timesteps(self, timesteps: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+        """The sampler's timesteps as floats on ``device``, one ``(1,)`` tensor per step, cached so
+        that a repeated call makes no host-to-device copy (required to capture the sampling loop in
+        a CUDA graph). Separate tensors rather than views of one: every network call then sees an
+        input of the same layout (no storage offsets for a compiler to specialise on)."""
         key = (tuple(timesteps.tolist()), str(device))
         if key not in self._time_cache:
-            self._time_cache[key] = timesteps.to(device=device, dtype=torch.float32)
+            ts = timesteps.to(device=device, dtype=torch.float32)
+            self._time_cache[key] = [ts[i : i + 1].clone() for i in range(len(ts))]
         return self._time_cache[key]
 
     @torch.no_grad()

@@ -45,7 +45,7 @@ class FlowMatching:
         self.time_dist = time_dist
         self.integrator = integrator
         self.num_inference_steps = num_inference_steps
-        self._time_cache: dict[tuple[int, str], torch.Tensor] = {}
+        self._time_cache: dict[tuple[int, str], list[torch.Tensor]] = {}
 
     # ------------------------------------------------------------------------------- training
     def sample_time(self, batch: int, device: torch.device) -> torch.Tensor:
@@ -67,13 +67,15 @@ class FlowMatching:
         return F.mse_loss(pred.float(), (eps - actions).float())
 
     # ------------------------------------------------------------------------------- sampling
-    def _grid(self, n: int, device: torch.device) -> torch.Tensor:
+    def _grid(self, n: int, device: torch.device) -> list[torch.Tensor]:
         """``2n + 1`` network times ``[1, 1 - h/2, 1 - h, ..., 0] * TIME_SCALE`` on ``device``
-        (even entries: grid points, odd: midpoints), cached so that repeated calls copy nothing to
-        the device (the sampling loop can then be captured in a CUDA graph)."""
+        (even entries: grid points, odd: midpoints), one ``(1,)`` tensor each, cached so that
+        repeated calls copy nothing to the device (the sampling loop can then be captured in a
+        CUDA graph) and every network call sees an input of the same layout."""
         key = (n, str(device))
         if key not in self._time_cache:
-            self._time_cache[key] = torch.linspace(1.0, 0.0, 2 * n + 1).mul(TIME_SCALE).to(device)
+            grid = torch.linspace(1.0, 0.0, 2 * n + 1).mul(TIME_SCALE).to(device)
+            self._time_cache[key] = [grid[j : j + 1].clone() for j in range(2 * n + 1)]
         return self._time_cache[key]
 
     @torch.no_grad()

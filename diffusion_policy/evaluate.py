@@ -431,8 +431,12 @@ def evaluate(cfg: EvalConfig) -> dict:
         finally:
             vec.close()
         out.mkdir(parents=True, exist_ok=True)
-        for ep, fr in frames.items():
-            report.write_video(out / "videos" / f"episode_{ep:04d}.mp4", fr, fps=task.fps)
+        for ep, fr in sorted(frames.items()):
+            try:
+                report.write_video(out / "videos" / f"episode_{ep:04d}.mp4", fr, fps=task.fps)
+            except Exception as e:  # the episodes are done: keep their results, say what is missing
+                print(f"dp-eval: warning: no videos ({type(e).__name__}: {e})", file=sys.stderr)
+                break
         for ep, img in finals.items():
             report.write_png(out / "frames" / f"episode_{ep:04d}.png", img)
         part = {"rank": rank, "records": records, "latencies_ms": actor.latencies()}

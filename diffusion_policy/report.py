@@ -125,9 +125,14 @@ def write_video(path: Path, frames: list, fps: float) -> None:
     """MP4 (H.264 through imageio-ffmpeg) of ``frames`` = [(rgb, step, reward)], annotated."""
     import imageio.v2 as imageio
 
+    try:
+        import imageio_ffmpeg  # noqa: F401  (without it imageio picks another writer for .mp4)
+    except ImportError as e:
+        raise RuntimeError(f"cannot write {path.name}: imageio-ffmpeg is not installed "
+                           f"(pip install imageio-ffmpeg, or videos=0)") from e
     path.parent.mkdir(parents=True, exist_ok=True)
     # yuv420p needs even sides; macro_block_size=2 pads at most one pixel instead of resizing
-    with imageio.get_writer(path, fps=fps, codec="libx264", macro_block_size=2,
+    with imageio.get_writer(path, format="FFMPEG", fps=fps, codec="libx264", macro_block_size=2,
                             ffmpeg_log_level="error") as w:
         for img, step, reward in frames:
             w.append_data(annotate(_upscale(img), f"step {step}  reward {reward:.3f}"))

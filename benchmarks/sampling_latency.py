@@ -28,7 +28,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
+import tempfile
 import time
 import traceback
 from contextlib import nullcontext
@@ -81,6 +83,16 @@ def chunk_fn(policy: Policy, net, num_steps: int, dtype: torch.dtype | None):
         return policy.normalizer.unnormalize(policy.action_key, x.float())
 
     return fn
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
 def sync(device: torch.device) -> None:
@@ -183,7 +195,7 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=200)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--out", default=None,
-                   help="JSON path (default benchmarks/results/sampling_<device>_<preset>.json)")
+                   help="JSON path (default: $OUT, else the temp folder, /sampling_<device>_<preset>.json)")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failing modes")
     args = p.parse_args()
 
@@ -202,7 +214,7 @@ def main() -> None:
         bad = [m for m in modes if "graph" in m]
         if bad:
             raise SystemExit(f"--modes {bad} need CUDA (graphs are CUDA graphs); use eager/compile on CPU")
-        machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+        machine = f"{cpu_model()}, {torch.get_num_threads()} torch threads"
 
     rows = []
     policy = build_policy(args.preset, SAMPLERS[args.samplers[0]][0], device)
@@ -224,7 +236,8 @@ def main() -> None:
         "torch": torch.__version__, "python": platform.python_version(), "batch": 1, "horizon": H,
         "calls": args.calls, "warmup": args.warmup, "rows": rows,
     }
-    out = Path(args.out or f"benchmarks/results/sampling_{device.type}_{args.preset}.json")
+    folder = os.environ.get("OUT") or tempfile.gettempdir()
+    out = Path(args.out or Path(folder) / f"sampling_{device.type}_{args.preset}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
 

@@ -205,3 +205,58 @@ def test_more_inference_steps_than_training_steps_is_an_error():
     method = DiffusionMethod("ddim", 100, "squaredcos_cap_v2", "epsilon", False, 10)
     with pytest.raises(ValueError, match="more than the 100 timesteps"):
         method.sample(OptimalFlowNet(GAUSSIAN), torch.zeros(2, 1, 1), (2, H, DA), num_steps=200)
+
+
+def draw(data: GaussianMixture, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    k = torch.multinomial(data.weights.float(), n, replacement=True, generator=g)
+    eps = torch.randn(n, H, DA, generator=g, dtype=torch.float64)
+    return (data.means[k] + data.stds[k].view(-1, 1, 1) * eps).float()
+
+
+class Scaled(nn.Module):
+    """The optimal network with its output scaled: any scale but 1 must raise the loss."""
+
+    def __init__(self, net: nn.Module, scale: float):
+        super().__init__()
+        self.net, self.scale = net, scale
+
+    def forward(self, x, t, cond):
+        return self.scale * self.net(x, t, cond)
+
+
+@pytest.mark.parametrize("method", [
+    *(DiffusionMethod("ddpm", 100, "squaredcos_cap_v2", pt, False, 100)
+      for pt in ("epsilon", "sample", "v_prediction")),
+    *(FlowMatching(td, "euler", 10) for td in ("uniform", "logit_normal", "beta")),
+], ids=["epsilon", "sample", "v_prediction", "flow-uniform", "flow-logit_normal", "flow-beta"])
+def test_training_targets_are_minimised_by_the_closed_form_network(method):
+    """The loss's target matches the sampler's reading of the network: the posterior-mean network
+    the samplers were checked with above is the minimiser of the training loss."""
+    x0 = draw(MIXTURE, 20_000, seed=3)
+    cond = torch.zeros(len(x0), 1, 1)
+    if isinstance(method, FlowMatching):
+        net = OptimalFlowNet(MIXTURE)
+    else:
+        net = OptimalDiffusionNet(MIXTURE, method.alphas_cumprod, method.prediction_type)
+
+    def loss(m):
+        torch.manual_seed(0)  # same times and noise for every candidate
+        return method.loss(m, x0, cond).item()
+
+    best = loss(net)
+    for scale in (0.9, 1.1):
+        assert best < loss(Scaled(net, scale)), scale
+
+
+@pytest.mark.parametrize("time_dist,mean,lo,hi", [
+    ("uniform", 0.5, 0.0, 1.0), ("logit_normal", 0.5, 0.0, 1.0),
+    ("beta", 0.001 + 0.999 * 0.6, 0.001, 1.0),  # Beta(1.5, 1) has mean 1.5 / 2.5 = 0.6
+])
+def test_flow_training_time_distributions(time_dist, mean, lo, hi):
+    torch.manual_seed(0)
+    t = FlowMatching(time_dist).sample_time(50_000, torch.device("cpu"))
+    assert t.min() >= lo and t.max() <= hi
+    assert abs(t.mean().item() - mean) < 0.01
+    if time_dist == "beta":  # density 1.5 sqrt(u): noisy times (t near 1) are favoured
+        assert (t > 0.5).float().mean() > 0.6

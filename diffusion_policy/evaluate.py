@@ -55,16 +55,20 @@ def resolve_checkpoint(path) -> Path:
     """The policy directory (safetensors + config.json) that ``path`` designates.
 
     Accepts a policy directory, a checkpoint directory ``<run>/checkpoints/<name>/`` holding
-    ``policy/``, or a run directory whose ``checkpoints/latest`` (or ``latest``) names a checkpoint.
+    ``policy/``, a run directory whose ``checkpoints/latest`` (or ``latest``) names a checkpoint,
+    or such a pointer file itself (``<run>/checkpoints/best``: the best by selection rollouts).
     """
     p = Path(path).expanduser()
-    if not p.is_dir():
+    pointers = [p / "checkpoints" / "latest", p / "latest"]
+    if p.is_file():  # a pointer file itself, e.g. <run>/checkpoints/best
+        pointers, p = [p], p.parent
+    elif not p.is_dir():
         raise EvalError(f"checkpoint {str(path)!r}: no such directory")
-    if _is_policy_dir(p):
+    elif _is_policy_dir(p):
         return p
-    if _is_policy_dir(p / "policy"):
+    elif _is_policy_dir(p / "policy"):
         return p / "policy"
-    for pointer in (p / "checkpoints" / "latest", p / "latest"):
+    for pointer in pointers:
         if pointer.is_file():
             name = pointer.read_text().strip()
             ckpt = (pointer.parent / name) if not Path(name).is_absolute() else Path(name)

@@ -71,6 +71,8 @@ def test_resolve_checkpoint_accepts_run_checkpoint_and_policy_dirs(tmp_path):
     assert ev.resolve_checkpoint(run) == pol
     assert ev.resolve_checkpoint(run / "checkpoints" / "step_0000010") == pol
     assert ev.resolve_checkpoint(pol) == pol
+    (run / "checkpoints" / "best").write_text("step_0000010\n")
+    assert ev.resolve_checkpoint(run / "checkpoints" / "best") == pol
     assert ev._checkpoint_label(pol) == "run-step_0000010"
 
 

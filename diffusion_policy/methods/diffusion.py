@@ -68,7 +68,8 @@ class DiffusionMethod:
         # Flawed", Table 2) puts the first of n steps at k = T-1, the noisiest step, where the chunk
         # really is pure noise. The default "leading" spacing with T=100 and n=10 starts at k=90:
         # the sampler would then treat N(0, I) as x_90 although training saw x_90 carrying a visible
-        # trace of x_0, a mismatch that grows as n shrinks (one DDIM step never sees k=99 at all).
+        # trace of x_0, a mismatch that grows as n shrinks (with n=1 "leading" gives k=0: the one
+        # step would read pure noise as an almost clean chunk).
         if scheduler == "ddpm":
             self.scheduler = DDPMScheduler(**common, clip_sample=clip_sample, variance_type="fixed_small",
                                            timestep_spacing="trailing")

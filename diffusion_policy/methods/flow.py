@@ -93,8 +93,9 @@ class FlowMatching:
         grid = self._grid(n, device)
         h = -1.0 / n  # dt: time runs from 1 down to 0
 
-        def velocity(x: torch.Tensor, j: int) -> torch.Tensor:
-            """v at grid entry j (t = 1 - j / (2n)), with the known prefix put on its path first."""
+        def velocity(x: torch.Tensor, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """``(v, x)`` at grid entry j (t = 1 - j / (2n)); ``x`` with the known prefix put on its
+            path first."""
             if P:
                 t = 1.0 - j / (2 * n)
                 known = t * eps_prefix + (1.0 - t) * prefix

@@ -177,7 +177,7 @@ def test_predict_checks_observation_shapes_and_inpaints_a_prefix():
 def test_policy_builds_from_every_config_file():
     from diffusion_policy.config import compose
 
-    for policy_name in ("unet", "unet_small", "transformer", "mlp"):
+    for policy_name in ("unet", "unet_small", "unet_image", "transformer", "mlp"):
         for method_name in ("ddpm", "ddim", "dpmsolver", "flow", "regression"):
             cfg = compose("train", [f"policy={policy_name}", f"method={method_name}", "task=pusht"])
             assert cfg.policy.name == ("unet" if policy_name.startswith("unet") else policy_name)

@@ -36,8 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from diffusion_policy.config import EVAL_SEED_BASE, SEED_RANGE, EvalConfig, TaskConfig
 from diffusion_policy import report
+from diffusion_policy.config import EVAL_SEED_BASE, SEED_RANGE, EvalConfig, TaskConfig
+from diffusion_policy.control.controller import SMOOTHING
 
 PART_WAIT_S = 3600.0  # how long rank 0 waits for the other ranks' part files
 
@@ -404,8 +405,6 @@ def evaluate(cfg: EvalConfig) -> dict:
             task = given_task  # same task, possibly other env settings (checked below)
     max_steps = cfg.max_episode_steps or task.max_episode_steps
     smoothing = cfg.smoothing
-    from diffusion_policy.control import SMOOTHING
-
     if smoothing not in SMOOTHING:
         raise EvalError(f"smoothing={smoothing!r} is not allowed; expected one of {', '.join(SMOOTHING)}")
 
@@ -417,6 +416,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     out = Path(cfg.out or Path("rollouts") / task.name / label)
     part = {"rank": rank, "records": [], "latencies_ms": []}
     if episodes:
+        for ep in episodes:  # a reused output folder: drop what an earlier run left for these
+            (out / "frames" / f"episode_{ep:04d}.png").unlink(missing_ok=True)
+            (out / "videos" / f"episode_{ep:04d}.mp4").unlink(missing_ok=True)
         vec = make_vector_env(task, n_envs, max_steps, render=True)
         try:
             if cfg.checkpoint == "expert":
@@ -451,7 +453,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             "device": device, "max_episode_steps": max_steps,
             "num_inference_steps": cfg.num_inference_steps,
             "smoothing": smoothing, "episode_generators": cfg.episode_generators,
-            "expert": cfg.checkpoint == "expert"}
+            "expert": cfg.checkpoint == "expert", "videos": cfg.videos}
     if rank != 0:
         return {}
     records = sorted((r for p in parts for r in p["records"]), key=lambda r: r["episode"])

@@ -286,7 +286,10 @@ def _markdown(out: Path, m: dict, records: list, sheet: bool, block: int, rates,
     lines.append("")
     if sheet:
         lines += ["## Final frames", "", "![contact sheet](contact_sheet.png)", ""]
-    videos = sorted((out / "videos").glob("*.mp4")) if (out / "videos").is_dir() else []
+    # this run's videos only (a reused folder may hold older ones)
+    videos = [out / "videos" / f"episode_{r['episode']:04d}.mp4" for r in records
+              if r["episode"] < m.get("videos", 0)]
+    videos = [v for v in videos if v.is_file()]
     if videos:
         lines += ["## Videos", ""] + [f"- [{v.stem}](videos/{v.name})" for v in videos] + [""]
     lines += ["## Episodes", "", "| episode | seed | success | max reward | length |",

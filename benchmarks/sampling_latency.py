@@ -188,7 +188,7 @@ def main() -> None:
     p.add_argument("--preset", choices=list(PRESETS), default="default")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (CPU runs)")
     p.add_argument("--samplers", nargs="+", choices=list(SAMPLERS), default=list(SAMPLERS))
-    p.add_argument("--modes", nargs="+", default=None,
+    p.add_argument("--modes", nargs="+", default=None, choices=["eager", "compile", "graph", "compile+graph"],
                    help="eager compile graph compile+graph (default: eager on CPU, all on CUDA)")
     p.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=None,
                    help="default: fp32 on CPU, fp32 and bf16 on CUDA")

@@ -37,12 +37,12 @@ def make_store(path: Path, episodes=200, length=150, seed=0) -> None:
         store.add_episode({"keypoint": kp, "agent_pos": agent, "action": np.roll(agent, -1, 0)})
 
 
-def run(store, out, gpus, batch, steps, tag, extra) -> dict:
+def run(store, out, gpus, batch, steps, tag, extra, device="cuda", policy="unet") -> dict:
     run_dir = out / f"run_{tag}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-           "-m", "diffusion_policy.train", "task=pusht", "policy=unet", "method=ddpm", f"data={store}",
+           "-m", "diffusion_policy.train", "task=pusht", f"policy={policy}", "method=ddpm", f"data={store}",
            f"run_dir={run_dir}", f"batch_size={batch}", f"steps={steps}", "log_every=10",
-           "val_every=100000", f"checkpoint_every={steps}", "device=cuda", "warmup_steps=50", *extra]
+           "val_every=100000", f"checkpoint_every={steps}", f"device={device}", "warmup_steps=50", *extra]
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     (out / f"log_{tag}.txt").write_text(r.stdout[-20000:] + "\n" + r.stderr[-20000:])
@@ -50,7 +50,8 @@ def run(store, out, gpus, batch, steps, tag, extra) -> dict:
         return {"tag": tag, "error": r.stderr[-2000:]}
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     loss = [r_["train/loss"] for r_ in rows if "train/loss" in r_]
-    sps = [r_["train/samples_per_s"] for r_ in rows if "train/samples_per_s" in r_][3:]
+    sps = [r_["train/samples_per_s"] for r_ in rows if "train/samples_per_s" in r_]
+    sps = sps[3:] or sps  # the first logs include start-up
     return {"tag": tag, "gpus": gpus, "batch": batch, "samples_per_s": statistics.median(sps), "loss": loss}
 
 
@@ -64,6 +65,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--out", default="ddp_out")
     ap.add_argument("--extra", nargs="*", default=[])
+    ap.add_argument("--device", default="cuda", help="cuda (NCCL) or cpu (gloo, a smoke test)")
+    ap.add_argument("--policy", default="unet", help="policy config (unet = about 65M parameters)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -71,9 +74,9 @@ def main() -> None:
     make_store(store)
     results = []
     for g in args.gpus:
-        results.append(run(store, out, g, 256, args.steps, f"strong{g}", args.extra))
+        results.append(run(store, out, g, 256, args.steps, f"strong{g}", args.extra, args.device, args.policy))
         if g > 1:
-            results.append(run(store, out, g, 256 * g, args.steps, f"weak{g}", args.extra))
+            results.append(run(store, out, g, 256 * g, args.steps, f"weak{g}", args.extra, args.device, args.policy))
         print(json.dumps({k: v for k, v in results[-1].items() if k != "loss"}), flush=True)
     base = next(r for r in results if r.get("tag") == "strong1")
     noise = float(np.mean(np.abs(np.diff(base["loss"]))))

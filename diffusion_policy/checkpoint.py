@@ -181,15 +181,46 @@ def restore_training(state, optimizer, scheduler, ema) -> tuple[int, list]:
     return trainer["step"], trainer["topk"]
 
 
+class CheckpointError(RuntimeError):
+    """A path that holds no usable checkpoint; the message says what was expected."""
+
+
+def _is_policy_dir(p: Path) -> bool:
+    return (p / "config.json").is_file() and any(p.glob("*.safetensors"))
+
+
+def resolve_checkpoint(path) -> Path:
+    """The policy directory (safetensors + config.json) that ``path`` designates.
+
+    Accepts a policy directory, a checkpoint directory ``<run>/checkpoints/<name>/`` holding
+    ``policy/``, a run directory whose ``checkpoints/latest`` (or ``latest``) names a checkpoint,
+    or such a pointer file itself (``<run>/checkpoints/best``: the best by selection rollouts).
+    """
+    p = Path(path).expanduser()
+    pointers = [p / "checkpoints" / "latest", p / "latest"]
+    if p.is_file():  # a pointer file itself, e.g. <run>/checkpoints/best
+        pointers, p = [p], p.parent
+    elif not p.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r}: no such directory")
+    elif _is_policy_dir(p):
+        return p
+    elif _is_policy_dir(p / "policy"):
+        return p / "policy"
+    for pointer in pointers:
+        if pointer.is_file():
+            name = pointer.read_text().strip()
+            ckpt = (pointer.parent / name) if not Path(name).is_absolute() else Path(name)
+            for cand in (ckpt, ckpt / "policy"):
+                if _is_policy_dir(cand):
+                    return cand
+            raise CheckpointError(f"checkpoint {str(path)!r}: {pointer} names {name!r}, but {ckpt} holds "
+                            f"no policy (expected config.json + *.safetensors in it or in policy/)")
+    raise CheckpointError(f"checkpoint {str(path)!r} is not a policy dir (config.json + *.safetensors), a "
+                    f"checkpoint dir (with policy/) or a run dir (with checkpoints/latest)")
+
+
 def load_policy(path, device="cpu") -> Policy:
-    """One call from a run directory, a checkpoint directory or a policy directory to a policy
-    ready for ``predict`` (EMA weights when training kept them)."""
-    path = Path(path)
-    if (path / "checkpoints" / "latest").is_file():
-        path = path / "checkpoints" / read_latest(path)
-    if (path / "policy").is_dir():
-        path = path / "policy"
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a run, checkpoint or policy directory "
-                                f"(expected checkpoints/latest, policy/ or config.json)")
-    return Policy.load(path, device=device).eval()
+    """One call from a run directory, a checkpoint directory, a policy directory or a pointer
+    file (``checkpoints/best``) to a policy ready for ``predict`` (EMA weights when training kept
+    them), on CPU or GPU, without the training config tree."""
+    return Policy.load(resolve_checkpoint(path), device=device).eval()

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from diffusion_policy import report
+from diffusion_policy.checkpoint import CheckpointError, resolve_checkpoint
 from diffusion_policy.config import EVAL_SEED_BASE, SEED_RANGE, EvalConfig, TaskConfig
 from diffusion_policy.control.controller import SMOOTHING
 
@@ -45,41 +46,6 @@ PART_WAIT_S = 3600.0  # how long rank 0 waits for the other ranks' part files
 
 class EvalError(RuntimeError):
     """A bad checkpoint, task or option; the message says which and what was expected."""
-
-
-# ------------------------------------------------------------------------------- checkpoints
-def _is_policy_dir(p: Path) -> bool:
-    return (p / "config.json").is_file() and any(p.glob("*.safetensors"))
-
-
-def resolve_checkpoint(path) -> Path:
-    """The policy directory (safetensors + config.json) that ``path`` designates.
-
-    Accepts a policy directory, a checkpoint directory ``<run>/checkpoints/<name>/`` holding
-    ``policy/``, a run directory whose ``checkpoints/latest`` (or ``latest``) names a checkpoint,
-    or such a pointer file itself (``<run>/checkpoints/best``: the best by selection rollouts).
-    """
-    p = Path(path).expanduser()
-    pointers = [p / "checkpoints" / "latest", p / "latest"]
-    if p.is_file():  # a pointer file itself, e.g. <run>/checkpoints/best
-        pointers, p = [p], p.parent
-    elif not p.is_dir():
-        raise EvalError(f"checkpoint {str(path)!r}: no such directory")
-    elif _is_policy_dir(p):
-        return p
-    elif _is_policy_dir(p / "policy"):
-        return p / "policy"
-    for pointer in pointers:
-        if pointer.is_file():
-            name = pointer.read_text().strip()
-            ckpt = (pointer.parent / name) if not Path(name).is_absolute() else Path(name)
-            for cand in (ckpt, ckpt / "policy"):
-                if _is_policy_dir(cand):
-                    return cand
-            raise EvalError(f"checkpoint {str(path)!r}: {pointer} names {name!r}, but {ckpt} holds "
-                            f"no policy (expected config.json + *.safetensors in it or in policy/)")
-    raise EvalError(f"checkpoint {str(path)!r} is not a policy dir (config.json + *.safetensors), a "
-                    f"checkpoint dir (with policy/) or a run dir (with checkpoints/latest)")
 
 
 def _checkpoint_label(policy_dir: Path) -> str:
@@ -524,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         metrics = evaluate(compose("eval", argv))
-    except (EvalError, ConfigError) as e:
+    except (EvalError, CheckpointError, ConfigError) as e:
         print(f"dp-eval: {e}", file=sys.stderr)
         return 2
     if metrics:

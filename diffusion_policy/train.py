@@ -206,7 +206,8 @@ def train(cfg: TrainConfig) -> dict:
 
     # ---- the loop
     from tqdm import tqdm
-    bar = tqdm(total=cfg.steps, initial=step, disable=not is_main, dynamic_ncols=True, desc="train")
+    bar = tqdm(total=cfg.steps, initial=step, disable=not is_main, dynamic_ncols=True, desc="train",
+               mininterval=0.5 if sys.stderr.isatty() else 30.0)  # logs get a line every 30 s
     t_last, n_last = time.perf_counter(), step
     train_loss = val_loss = float("nan")
     policy.train()

@@ -77,15 +77,15 @@ def test_resolve_checkpoint_accepts_run_checkpoint_and_policy_dirs(tmp_path):
 
 
 def test_resolve_checkpoint_errors_say_what_is_wrong(tmp_path):
-    with pytest.raises(ev.EvalError, match="no such directory"):
+    with pytest.raises(ev.CheckpointError, match="no such directory"):
         ev.resolve_checkpoint(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ev.EvalError, match="not a policy dir"):
+    with pytest.raises(ev.CheckpointError, match="not a policy dir"):
         ev.resolve_checkpoint(tmp_path / "empty")
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "latest").write_text("step_0000099")
-    with pytest.raises(ev.EvalError, match="names 'step_0000099'"):
+    with pytest.raises(ev.CheckpointError, match="names 'step_0000099'"):
         ev.resolve_checkpoint(run)
 
 

@@ -52,8 +52,9 @@ def ema_decay(step: int, power: float, max_decay: float) -> float:
 
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, m in zip(ema.parameters(), model.parameters()):
-        e.lerp_(m.detach(), 1.0 - decay)
+    # one fused call over all parameters: a loop of per-tensor lerps is hundreds of kernel
+    # launches per step, which costs more than the update itself for these small networks
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
     for e, m in zip(ema.buffers(), model.buffers()):
         e.copy_(m)
 
@@ -77,7 +78,7 @@ class Windows:
         self.sampler, self.obs_keys, self.action_key = sampler, obs_keys, action_key
         self.rank, self.world, self.device = rank, world, device
         self.arrays = arrays
-        self.cache = None
+        self.cache, self._perm = None, None
         if on_device:  # every window materialized once: a batch is one index into device tensors
             full = sampler.gather(arrays, np.arange(len(sampler)), obs_keys, action_key)
             self.cache = _to_torch(full, device)
@@ -89,10 +90,12 @@ class Windows:
         global_batch = per_rank * self.world
         per_epoch = max(1, len(self) // global_batch)
         epoch, k = divmod(step, per_epoch)
-        perm = np.random.default_rng([seed, epoch]).permutation(len(self))
-        if len(perm) < global_batch:  # tiny datasets: draw with replacement
-            perm = np.random.default_rng([seed, epoch]).integers(0, len(self), global_batch)
-        idx = perm[k * global_batch:(k + 1) * global_batch][self.rank::self.world]
+        if self._perm is None or self._perm[0] != epoch:  # one permutation per epoch
+            rng = np.random.default_rng([seed, epoch])
+            perm = rng.permutation(len(self)) if len(self) >= global_batch else \
+                rng.integers(0, len(self), global_batch)  # tiny datasets: draw with replacement
+            self._perm = (epoch, perm)
+        idx = self._perm[1][k * global_batch:(k + 1) * global_batch][self.rank::self.world]
         if self.cache is not None:
             t = torch.as_tensor(idx, device=self.device)
             return {"obs": {key: v[t] for key, v in self.cache["obs"].items()},
@@ -128,7 +131,10 @@ def train(cfg: TrainConfig) -> dict:
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the number of ranks ({world})")
     per_rank = cfg.batch_size // world
@@ -188,8 +194,10 @@ def train(cfg: TrainConfig) -> dict:
 
     loss_module = LossModule(policy)
     if world > 1:
+        # gradient_as_bucket_view: gradients live in the all-reduce buckets (no copy in and out)
         loss_module = torch.nn.parallel.DistributedDataParallel(
-            loss_module, device_ids=[device.index] if device.type == "cuda" else None)
+            loss_module, device_ids=[device.index] if device.type == "cuda" else None,
+            gradient_as_bucket_view=True)
     loss_fn = torch.compile(loss_module) if cfg.compile else loss_module
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
 

@@ -31,10 +31,18 @@ class _KeyStats(nn.Module):
         self.register_buffer("mode", torch.tensor(MODES.index(mode), dtype=torch.int64))
         for name in ("scale", "offset", "min", "max", "mean", "std"):
             self.register_buffer(name, torch.zeros(dim, dtype=torch.float32))
+        # the mode is also kept as a Python string: reading the buffer on every call would be a
+        # device-to-host sync, which stalls the GPU and makes the sampler uncapturable in a CUDA graph
+        self._mode_name = mode
 
     @property
     def mode_name(self) -> str:
-        return MODES[int(self.mode)]
+        return self._mode_name
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "mode" in state_dict:
+            self._mode_name = MODES[int(state_dict[prefix + "mode"])]
 
 
 def _affine(mode: str, x: np.ndarray, eps: float) -> dict[str, np.ndarray]:

@@ -30,7 +30,7 @@ from diffusion_policy.config import (
     SEED_RANGE,
     CollectConfig,
     ConfigError,
-    compose,
+    run_cli,
 )
 
 SEED_KEY = "episode_seed"
@@ -215,20 +215,10 @@ def collect(cfg: CollectConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: ``dp-collect key=value ...`` (hydra overrides on configs/collect.yaml)."""
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    try:
-        collect(compose("collect", argv))
-    except ConfigError as e:
-        print(f"dp-collect: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("dp-collect: interrupted; the store keeps every finished episode, run again to resume",
-              file=sys.stderr)
-        return 130
-    return 0
+    from diffusion_policy.data.store import StoreError
+
+    return run_cli("dp-collect", "collect", collect, argv, __doc__, errors=(StoreError,),
+                   interrupted="the store keeps every finished episode, run again to resume")
 
 
 if __name__ == "__main__":

@@ -305,3 +305,25 @@ def as_dict(cfg: Any) -> dict:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def run_cli(prog: str, config_name: str, job, argv: Sequence[str] | None, doc: str,
+            errors: tuple = (), interrupted: str = "") -> int:
+    """The body of every hydra-style console entry point (``dp-collect``, ``dp-train``,
+    ``dp-eval``): compose ``configs/<config_name>.yaml`` with ``argv`` overrides, run ``job(cfg)``,
+    and turn a bad config or any of ``errors`` into one line on stderr and exit status 2."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(doc)
+        return 0
+    try:
+        job(compose(config_name, argv))
+    except (ConfigError, *errors) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted{'; ' + interrupted if interrupted else ''}", file=sys.stderr)
+        return 130
+    return 0

@@ -106,7 +106,7 @@ def demo(cfg: DemoConfig) -> dict:
     print("| policy | success | 95% CI | mean max reward | inference p50 ms |\n|---|---|---|---|---|")
     for name, m in results.items():
         lo, hi = m["success_ci"]
-        p50 = m.get("latency_ms_p50")
+        p50 = m.get("latency_p50_ms")
         print(f"| {name} | {m['success_rate']:.2f} | {lo:.2f}-{hi:.2f} | {m['mean_max_reward']:.3f} | "
               f"{'-' if p50 is None else f'{p50:.1f}'} |")
     print(f"videos, metrics and reports: {cfg.rollouts_dir}/{cfg.task}/", flush=True)

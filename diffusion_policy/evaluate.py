@@ -482,20 +482,14 @@ def _gather(out: Path, rank: int, world: int, part: dict, t_start: float) -> lis
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: ``dp-eval key=value ...`` (hydra overrides on configs/eval.yaml)."""
-    from diffusion_policy.config import ConfigError, compose
+    from diffusion_policy.config import run_cli
 
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    try:
-        metrics = evaluate(compose("eval", argv))
-    except (EvalError, CheckpointError, ConfigError) as e:
-        print(f"dp-eval: {e}", file=sys.stderr)
-        return 2
-    if metrics:
-        print(report.summary_line(metrics), flush=True)
-    return 0
+    def job(cfg):
+        metrics = evaluate(cfg)
+        if metrics:
+            print(report.summary_line(metrics), flush=True)
+
+    return run_cli("dp-eval", "eval", job, argv, __doc__, errors=(EvalError, CheckpointError))
 
 
 if __name__ == "__main__":

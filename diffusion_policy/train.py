@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from diffusion_policy import checkpoint as ckpt
-from diffusion_policy.config import ConfigError, TrainConfig, as_dict, compose
+from diffusion_policy.config import ConfigError, TrainConfig, as_dict, run_cli
 from diffusion_policy.data.normalize import Normalizer
 from diffusion_policy.data.store import EpisodeStore, StoreError
 from diffusion_policy.data.windows import WindowSampler, split_episodes
@@ -322,23 +322,12 @@ def _rollouts(policy, task, episodes, step, device, rank, world) -> dict:
 # ---------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: ``dp-train key=value ...`` (hydra overrides on configs/train.yaml)."""
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
     try:
-        cfg = compose("train", argv)
-        train(cfg)
-    except (ConfigError, StoreError) as e:
-        print(f"dp-train: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("dp-train: interrupted; resume with resume=true run_dir=<the run>", file=sys.stderr)
-        return 130
+        return run_cli("dp-train", "train", train, argv, __doc__, errors=(StoreError,),
+                       interrupted="resume with resume=true run_dir=<the run>")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

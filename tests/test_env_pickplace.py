@@ -13,20 +13,7 @@ import envs  # noqa: F401  (registers dp/*)
 from envs.experts import EXPERTS, make_expert
 from envs.experts.pickplace import PickPlaceExpert, grasp_yaw
 from envs.pickplace import PickPlaceEnv
-
-
-def _gl_available() -> bool:
-    try:
-        import mujoco
-
-        mujoco.Renderer(mujoco.MjModel.from_xml_string("<mujoco/>"), 8, 8).close()
-        return True
-    except Exception:
-        return False
-
-
-needs_gl = pytest.mark.skipif(
-    not _gl_available(), reason="no OpenGL backend for MuJoCo (set MUJOCO_GL=egl, install libegl1)")
+from conftest import needs_gl
 
 
 def rollout(env, expert, seed, max_steps=200):

@@ -14,20 +14,7 @@ from envs import geometry
 from envs.experts import EXPERTS, make_expert
 from envs.experts.pusht import PushTExpert
 from envs.pusht import TARGET_POSE, UNIT
-
-
-def _gl_available() -> bool:
-    try:
-        import mujoco
-
-        mujoco.Renderer(mujoco.MjModel.from_xml_string("<mujoco/>"), 8, 8).close()
-        return True
-    except Exception:
-        return False
-
-
-needs_gl = pytest.mark.skipif(
-    not _gl_available(), reason="no OpenGL backend for MuJoCo (set MUJOCO_GL=egl, needs libEGL)")
+from conftest import needs_gl
 
 
 # ------------------------------------------------------------------------------------ geometry

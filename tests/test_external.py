@@ -188,9 +188,9 @@ def test_metaworld_reset_is_a_function_of_the_seed():
 
 def test_metaworld_image_observation():
     _metaworld()
-    from test_env_avoid import _gl_available
+    from conftest import gl_available
 
-    if not _gl_available():
+    if not gl_available():
         pytest.skip("no OpenGL backend (set MUJOCO_GL=egl)")
     task = compose("collect", ["task=metaworld_push_image"]).task
     env = gym.make(task.env_id, **task.env_kwargs)

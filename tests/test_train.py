@@ -32,8 +32,8 @@ def _make_store(path: Path, episodes=6, length=30, seed=0) -> Path:
     for _ in range(episodes):
         pos = np.cumsum(rng.normal(0, 0.05, (length, 2)), axis=0).astype(np.float32)
         ep = {task.action_key: np.roll(pos, -1, axis=0)}
-        for k in task.obs_keys:
-            ep[k] = np.concatenate([pos, rng.normal(0, 0.1, (length, 2)).astype(np.float32)], axis=1)
+        for k in task.obs_keys:  # the env's state: agent, goal and obstacle xy
+            ep[k] = np.concatenate([pos, rng.normal(0, 0.1, (length, 4)).astype(np.float32)], axis=1)
         store.add_episode(ep)
     return path
 
@@ -152,3 +152,51 @@ def test_cli_runs_real_entry_point(store, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert ckpt.read_latest(run) == "step_0000003"
+
+
+def test_image_task_through_the_same_loop(tmp_path):
+    """Images (uint8 HWC in the store) and low-dimensional keys train in the same loop."""
+    rng = np.random.default_rng(0)
+    store = EpisodeStore.create(tmp_path / "img.zarr")
+    for _ in range(3):
+        n = 20
+        store.add_episode({"image": rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8),
+                           "agent_pos": rng.normal(size=(n, 2)).astype(np.float32),
+                           "action": rng.normal(size=(n, 2)).astype(np.float32)})
+    run = tmp_path / "run"
+    out = train(compose("train", TINY + ["task=avoid_image", f"data={tmp_path / 'img.zarr'}",
+                                          f"run_dir={run}", "steps=2", "batch_size=4",
+                                          "policy.obs_encoder.backbone_width=8", "val_ratio=0.34"]))
+    assert out["step"] == 2 and np.isfinite(out["train_loss"])
+    policy = ckpt.load_policy(run)
+    obs = {"image": torch.randint(0, 255, (1, 2, 32, 32, 3), dtype=torch.uint8),
+           "agent_pos": torch.zeros(1, 2, 2)}
+    assert policy.predict(obs).shape == (1, 16, 2)
+
+
+def test_rollout_selection_keeps_best_checkpoint(store, tmp_path):
+    """eval_every runs the policy in the real env on the selection seeds and keeps top-k."""
+    run = tmp_path / "sel"
+    train(compose("train", TINY + [f"data={store}", f"run_dir={run}", "steps=4", "eval_every=2",
+                                    "eval_episodes=1", "topk=1", "task.max_episode_steps=10"]))
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines if "eval/success_rate" in l] == [2, 4]
+    best = (run / "checkpoints" / "best").read_text().strip()
+    assert best in ("step_0000002", "step_0000004")
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_dir())
+    assert kept == sorted({best, "step_0000004"})  # top-1 plus the newest, nothing else
+    ckpt.load_policy(run / "checkpoints" / "best")
+
+
+def test_torchrun_two_ranks_on_cpu(store, tmp_path):
+    """The same dp-train under torchrun (gloo on CPU): rank 0 alone writes, losses all-reduced."""
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", "-m", "diffusion_policy.train", *TINY, f"data={store}",
+                        f"run_dir={run}", "steps=4"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "2 rank(s), global batch 16" in r.stdout
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines if "train/loss" in l] == [1, 2, 3, 4]  # one writer
+    assert ckpt.read_latest(run) == "step_0000004"

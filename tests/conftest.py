@@ -1,0 +1,21 @@
+"""Shared test set-up: headless MuJoCo rendering and a marker for tests that need it."""
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import pytest  # noqa: E402
+
+
+def gl_available() -> bool:
+    """Whether MuJoCo can open an offscreen GL context here (EGL on a headless machine)."""
+    try:
+        import mujoco
+
+        mujoco.Renderer(mujoco.MjModel.from_xml_string("<mujoco/>"), 8, 8).close()
+        return True
+    except Exception:
+        return False
+
+
+needs_gl = pytest.mark.skipif(
+    not gl_available(), reason="no OpenGL backend for MuJoCo (set MUJOCO_GL=egl; install libegl1 libgl1 libegl-mesa0)")

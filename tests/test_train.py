@@ -148,7 +148,8 @@ def test_config_errors_name_the_key(store, tmp_path, capsys):
 
 def test_cli_runs_real_entry_point(store, tmp_path):
     run = tmp_path / "cli"
-    r = subprocess.run(["dp-train", *TINY, f"data={store}", f"run_dir={run}", "steps=3"],
+    exe = Path(sys.executable).with_name("dp-train")  # the venv's console script, venv not activated
+    r = subprocess.run([str(exe), *TINY, f"data={store}", f"run_dir={run}", "steps=3"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert ckpt.read_latest(run) == "step_0000003"

@@ -118,12 +118,13 @@ class Policy(nn.Module):
     # ------------------------------------------------------------------------------- inference
     @torch.no_grad()
     def predict(self, obs: dict[str, torch.Tensor], num_steps: int | None = None,
-                generator: torch.Generator | None = None, prefix: torch.Tensor | None = None) -> torch.Tensor:
+                generator: torch.Generator | list | None = None, prefix: torch.Tensor | None = None) -> torch.Tensor:
         """Sample ``(B, H, Da)`` action chunks in raw units for a batch of observation windows.
 
         ``obs``: ``{key: (B, To, ...)}`` raw units (images uint8 ``(H, W, 3)``) on any device.
         ``num_steps``: sampler steps (default: the method config's ``num_inference_steps``).
-        ``generator``: a ``torch.Generator`` on the policy's device, for reproducible samples.
+        ``generator``: a ``torch.Generator`` on the policy's device, or a list of one per row, for
+        reproducible samples (row ``b`` then depends on ``generator[b]`` only).
         ``prefix``: ``(B, P, Da)`` raw actions the chunk must start with (inpainted), e.g. the part
         of the previous chunk still to be executed while this one is computed (real-time chunking).
         Call ``eval()`` first: in training mode images are randomly cropped.

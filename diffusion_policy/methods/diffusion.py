@@ -24,6 +24,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers.utils.torch_utils import randn_tensor
 
 SCHEDULERS = ("ddpm", "ddim", "dpmsolver")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -128,13 +129,15 @@ class DiffusionMethod:
 
     @torch.no_grad()
     def sample(self, net, cond: torch.Tensor, shape: tuple[int, int, int], num_steps: int | None = None,
-               generator: torch.Generator | None = None, prefix: torch.Tensor | None = None) -> torch.Tensor:
+               generator: torch.Generator | list | None = None, prefix: torch.Tensor | None = None) -> torch.Tensor:
         """Draw ``(B, H, Da)`` chunks; ``prefix (B, P, Da)`` = known leading actions (inpainted)."""
         n = self.num_inference_steps if num_steps is None else int(num_steps)
         self._check_steps(n)
         B = shape[0]
         device = cond.device
-        x = torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
+        # randn_tensor takes one generator or a list of one per row: row b's noise then depends on
+        # generator[b] alone, so a batch of episodes samples what each would sample on its own
+        x = randn_tensor(tuple(shape), generator=generator, device=device, dtype=torch.float32)
         P = check_prefix(prefix, shape)
         noise_prefix = x[:, :P].clone() if P else None
         sched = self.scheduler

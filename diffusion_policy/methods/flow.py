@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from diffusers.utils.torch_utils import randn_tensor
 
 from diffusion_policy.methods.diffusion import check_prefix
 
@@ -80,14 +81,16 @@ class FlowMatching:
 
     @torch.no_grad()
     def sample(self, net, cond: torch.Tensor, shape: tuple[int, int, int], num_steps: int | None = None,
-               generator: torch.Generator | None = None, prefix: torch.Tensor | None = None) -> torch.Tensor:
+               generator: torch.Generator | list | None = None, prefix: torch.Tensor | None = None) -> torch.Tensor:
         """Integrate from noise (t = 1) to actions (t = 0) in ``num_steps`` steps."""
         n = self.num_inference_steps if num_steps is None else int(num_steps)
         if n < 1:
             raise ValueError(f"num_steps must be >= 1, got {n}")
         B = shape[0]
         device = cond.device
-        x = torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
+        # randn_tensor takes one generator or a list of one per row: row b's noise then depends on
+        # generator[b] alone, so a batch of episodes samples what each would sample on its own
+        x = randn_tensor(tuple(shape), generator=generator, device=device, dtype=torch.float32)
         P = check_prefix(prefix, shape)
         eps_prefix = x[:, :P].clone() if P else None
         grid = self._grid(n, device)

@@ -43,7 +43,10 @@ def make_env(env_id: str, env_kwargs: dict, max_episode_steps: int):
 
     import envs  # noqa: F401  (registers dp/*)
 
-    return gym.make(env_id, max_episode_steps=max_episode_steps, **env_kwargs)
+    try:
+        return gym.make(env_id, max_episode_steps=max_episode_steps, **env_kwargs)
+    except gym.error.Error as e:  # unknown id, missing module of a peer suite, ...
+        raise ConfigError(f"task.env_id={env_id!r}: {e}") from None
 
 
 def run_episode(env, expert, seed: int) -> dict:
@@ -135,7 +138,10 @@ def collect(cfg: CollectConfig) -> dict:
     from envs.experts import make_expert
 
     env = make_env(task.env_id, dict(task.env_kwargs), task.max_episode_steps)
-    expert = make_expert(task.expert)
+    try:
+        expert = make_expert(task.expert)
+    except (KeyError, ImportError, AttributeError) as e:
+        raise ConfigError(f"task.expert={task.expert!r}: {e.args[0] if e.args else e}") from None
     keys = sorted(env.observation_space.spaces) + ["action", SEED_KEY]
     missing = [k for k in task.obs_keys if k not in env.observation_space.spaces]
     if missing:

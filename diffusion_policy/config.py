@@ -184,7 +184,6 @@ class TrainConfig:
     compile: bool = False
     data_on_device: bool = True
     """Low-dimensional data: keep the whole dataset on the device."""
-    num_workers: int = 0
     val_ratio: float = 0.05
     max_train_episodes: Optional[int] = None
     log_every: int = 100
@@ -289,7 +288,23 @@ def validate(cfg: Any) -> None:
         value = getattr(node, key)
         if value not in allowed:
             raise ConfigError(f"{dotted}={value!r} is not allowed; expected one of {', '.join(allowed)}")
+    method = getattr(cfg, "method", None)
+    if isinstance(method, MethodConfig) and method.name == "diffusion":
+        if method.num_inference_steps > method.num_train_timesteps:
+            raise ConfigError(f"method.num_inference_steps={method.num_inference_steps} exceeds "
+                              f"method.num_train_timesteps={method.num_train_timesteps}; a schedule "
+                              f"cannot be sampled with more steps than it was trained with")
+        if method.scheduler == "dpmsolver" and method.clip_sample:
+            raise ConfigError("method.clip_sample=true is not supported by method.scheduler=dpmsolver "
+                              "(diffusers' DPM-Solver++ cannot clip); set method.clip_sample=false")
+    policy = getattr(cfg, "policy", None)
     task = getattr(cfg, "task", None)
+    if isinstance(policy, PolicyConfig) and policy.name == "unet" and isinstance(task, TaskConfig):
+        factor = 2 ** (len(policy.down_dims) - 1)
+        if task.horizon % factor:
+            raise ConfigError(f"task.horizon={task.horizon} must be divisible by {factor}: the UNet "
+                              f"halves the chunk {len(policy.down_dims) - 1} times "
+                              f"(policy.down_dims={list(policy.down_dims)})")
     if isinstance(task, TaskConfig):
         try:
             check_horizons(task.horizon, task.n_obs_steps, task.n_action_steps)

@@ -19,7 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diffusion_policy import checkpoint as ckpt
+from diffusion_policy.checkpoint import CheckpointError
 from diffusion_policy.config import ConfigError, compose
+from diffusion_policy.data.store import StoreError
+from diffusion_policy.evaluate import EvalError
 
 
 @dataclass
@@ -113,6 +116,14 @@ def demo(cfg: DemoConfig) -> dict:
     return results
 
 
+def _bool(value: str) -> bool:
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``dp-demo key=value ...`` with the keys of DemoConfig."""
     from dataclasses import fields
@@ -128,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or key not in types:
             print(f"dp-demo: {arg!r} is not key=value with a key of {', '.join(types)}", file=sys.stderr)
             return 2
-        kind = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true", "yes")}.get(types[key], str)
+        kind = {"int": int, "float": float, "bool": _bool}.get(types[key], str)
         try:
             setattr(cfg, key, kind(value))
         except ValueError:
@@ -136,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         demo(cfg)
-    except (ConfigError, RuntimeError, ValueError) as e:
+    except (ConfigError, CheckpointError, EvalError, StoreError) as e:
         print(f"dp-demo: {e}", file=sys.stderr)
         return 2
     return 0

@@ -364,6 +364,11 @@ def evaluate(cfg: EvalConfig) -> dict:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise EvalError(f"checkpoint {label}: {policy_dir / 'config.json'} has no readable "
                             f"task config ({e})") from None
+        method = saved.get("method", {})
+        if (cfg.num_inference_steps is not None and method.get("name") == "diffusion"
+                and cfg.num_inference_steps > method.get("num_train_timesteps", cfg.num_inference_steps)):
+            raise EvalError(f"num_inference_steps={cfg.num_inference_steps} exceeds the "
+                            f"{method['num_train_timesteps']} steps checkpoint {label} was trained with")
         if given_task is not None:
             if given_task.name != task.name:
                 raise EvalError(f"checkpoint {label} was trained for task {task.name!r}, not "

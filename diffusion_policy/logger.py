@@ -28,7 +28,9 @@ class Logger:
             try:
                 import wandb
             except ImportError:
-                raise ValueError("wandb=true but the wandb package is not installed (pip install wandb)") from None
+                from diffusion_policy.config import ConfigError
+
+                raise ConfigError("wandb=true but the wandb package is not installed (pip install wandb)") from None
             self.wandb = wandb.init(project="diffusion-policy", dir=str(self.run_dir), config=config,
                                     name=self.run_dir.name, resume="allow")
 

@@ -128,27 +128,29 @@ def train(cfg: TrainConfig) -> dict:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(cfg.device, local_rank)
-    if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device)
-        else:
-            dist.init_process_group("gloo")
-    if cfg.batch_size % world:
-        raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the number of ranks ({world})")
+    if cfg.batch_size < 1 or cfg.batch_size % world:
+        raise ConfigError(f"batch_size={cfg.batch_size} must be a positive multiple of the number of "
+                          f"ranks ({world})")
     per_rank = cfg.batch_size // world
     is_main = rank == 0
 
+    # every rank checks before any collective call, so a bad run_dir fails on all of them at once
+    # (rank 0 cannot have written anything yet: it waits in init_process_group for the others)
     run_dir = Path(cfg.run_dir or f"runs/{cfg.task.name}/{datetime.now():%Y%m%d-%H%M%S}")
     if cfg.resume and not ckpt.has_latest(run_dir):
         raise ConfigError(f"resume=true but {run_dir} has no checkpoint to resume from "
                           f"(expected {run_dir}/checkpoints/latest); pass run_dir=<an earlier run>")
-    if is_main and not cfg.resume and ckpt.has_latest(run_dir):
+    if not cfg.resume and ckpt.has_latest(run_dir):
         raise ConfigError(f"run_dir {run_dir} already holds a run; pass resume=true to continue it "
                           f"or choose another run_dir")
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
 
-    torch.manual_seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     np.random.seed(cfg.seed + rank)
 
     # ---- data: episodes split by a seed, normalizer fitted on the training episodes only
@@ -164,6 +166,10 @@ def train(cfg: TrainConfig) -> dict:
     sampler_kw = dict(horizon=task.horizon, n_obs_steps=task.n_obs_steps, n_action_steps=task.n_action_steps)
     train_sampler = WindowSampler(store.episode_ends, episodes=train_ids, **sampler_kw)
     val_sampler = WindowSampler(store.episode_ends, episodes=val_ids, **sampler_kw) if len(val_ids) else None
+    if len(train_sampler) == 0:
+        raise ConfigError(f"{cfg.data}: no training windows: the {len(train_ids)} training episodes are "
+                          f"all shorter than the window (horizon {task.horizon}); collect longer "
+                          f"episodes or lower task.horizon")
     on_device = cfg.data_on_device and not task.image_keys
     train_windows = Windows(arrays, train_sampler, task.obs_keys, task.action_key, device, on_device, rank, world)
 
@@ -171,6 +177,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.resume:
         state = ckpt.load_training(run_dir, device)
         policy = state["model"]
+        _check_same_model(cfg, state["trainer"]["config"], run_dir)
     else:
         fit_arrays = {k: _episode_rows(arrays[k], store.episode_ends, train_ids) for k in keys
                       if k not in task.image_keys}
@@ -184,20 +191,25 @@ def train(cfg: TrainConfig) -> dict:
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.steps))
-    step, topk = 0, []
-    if cfg.resume:
-        step, topk = ckpt.restore_training(state, optimizer, scheduler, ema)
-        if rank > 0:  # only rank 0's generator was saved; the others get a fresh, distinct stream
-            torch.manual_seed(cfg.seed + 1000 * step + rank)
-        if is_main:
-            print(f"resumed {run_dir} at step {step}", flush=True)
 
     loss_module = LossModule(policy)
     if world > 1:
-        # gradient_as_bucket_view: gradients live in the all-reduce buckets (no copy in and out)
+        # DDP broadcasts rank 0's weights; gradient_as_bucket_view: gradients live in the
+        # all-reduce buckets (no copy in and out)
         loss_module = torch.nn.parallel.DistributedDataParallel(
             loss_module, device_ids=[device.index] if device.type == "cuda" else None,
             gradient_as_bucket_view=True)
+        if ema is not None:
+            ema.load_state_dict(policy.state_dict())  # the EMA starts from the broadcast weights
+    step, topk = 0, []
+    if cfg.resume:
+        step, topk = ckpt.restore_training(state, optimizer, scheduler, ema)
+        if is_main:
+            print(f"resumed {run_dir} at step {step}", flush=True)
+    if rank > 0 or not cfg.resume:
+        # training noise: a distinct stream per rank (only rank 0's generator is saved; the others
+        # restart from a seed that depends on the step, so a resumed run draws fresh noise)
+        torch.manual_seed(cfg.seed + 1000 * step + rank)
     loss_fn = torch.compile(loss_module) if cfg.compile else loss_module
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
 
@@ -273,6 +285,17 @@ def train(cfg: TrainConfig) -> dict:
             "best": topk[0] if topk else None}
 
 
+def _check_same_model(cfg: TrainConfig, saved: dict, run_dir) -> None:
+    """A resumed run continues the saved model: overrides of its task, policy or method would be
+    ignored silently, so they are an error."""
+    now = as_dict(cfg)
+    diff = [f"{g}.{k}" for g in ("task", "policy", "method") for k in sorted(set(now[g]) | set(saved[g]))
+            if now[g].get(k) != saved[g].get(k)]
+    if diff:
+        raise ConfigError(f"resume=true: {run_dir} was trained with other values of {', '.join(diff)}; "
+                          f"drop those overrides to continue it, or start a new run_dir")
+
+
 def _episode_rows(array, episode_ends, episodes) -> np.ndarray:
     starts = np.concatenate([[0], episode_ends[:-1]])
     return np.concatenate([np.asarray(array[starts[e]:episode_ends[e]]) for e in episodes])
@@ -293,14 +316,16 @@ def _validation_loss(policy, arrays, sampler, task, device, seed, world, rank, m
     was_training = policy.training
     policy.eval()
     idx = np.random.default_rng(seed).permutation(len(sampler))[:max_windows][rank::world]
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
     total, n = torch.zeros((), device=device), 0
-    for chunk in np.array_split(idx, max(1, math.ceil(len(idx) / 512))):
-        batch = _to_torch(sampler.gather(arrays, chunk, task.obs_keys, task.action_key), device)
-        total += policy.compute_loss(batch).detach() * len(chunk)
-        n += len(chunk)
-    torch.random.set_rng_state(state)
+    # a fixed noise draw, without disturbing the training streams (CPU and this rank's GPU)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for chunk in np.array_split(idx, max(1, math.ceil(len(idx) / 512))):
+            if len(chunk) == 0:  # a rank with no validation windows adds nothing
+                continue
+            batch = _to_torch(sampler.gather(arrays, chunk, task.obs_keys, task.action_key), device)
+            total += policy.compute_loss(batch).detach() * len(chunk)
+            n += len(chunk)
     policy.train(was_training)
     out = torch.stack([total, torch.tensor(float(n), device=device)])
     if world > 1:

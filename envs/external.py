@@ -117,6 +117,8 @@ class ExternalEnv(gym.Wrapper, gym.utils.RecordConstructorArgs):
         leaves = _flatten_space(env.observation_space)
 
         def box(b: spaces.Box, sl=slice(None)) -> spaces.Box:
+            if b.dtype == np.uint8 and len(b.shape) == 3:  # an image leaf stays uint8 (H, W, C)
+                return b
             if not bounded:
                 return spaces.Box(-np.inf, np.inf, shape=b.low[sl].shape, dtype=np.float32)
             return spaces.Box(b.low[sl].astype(np.float32), b.high[sl].astype(np.float32), dtype=np.float32)
@@ -144,7 +146,8 @@ class ExternalEnv(gym.Wrapper, gym.utils.RecordConstructorArgs):
 
     def _translate(self, raw) -> dict:
         self.last_raw_obs = raw
-        obs = {k: v.astype(np.float32) for k, v in _flatten_obs(raw).items()}
+        obs = {k: v if v.dtype == np.uint8 and v.ndim == 3 else v.astype(np.float32)  # images stay uint8
+               for k, v in ((k, np.asarray(v)) for k, v in _flatten_obs(raw).items())}
         for name, (start, stop) in self.obs_slices.items():
             obs[name] = obs["state"][start:stop].copy()
         if self.obs_mode == "image":

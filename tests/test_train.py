@@ -140,10 +140,27 @@ def test_config_errors_name_the_key(store, tmp_path, capsys):
         compose("train", ["no_such_key=1"])
     with pytest.raises(ConfigError, match="n_action_steps"):
         compose("train", ["task.n_action_steps=20"])
+    for bad, key in [(["task.horizon=10"], "task.horizon"),
+                     (["method.num_inference_steps=500"], "num_inference_steps"),
+                     (["method=dpmsolver", "method.clip_sample=true"], "clip_sample")]:
+        with pytest.raises(ConfigError, match=key):
+            compose("train", bad)
+    assert main(["batch_size=0", f"data={store}", f"run_dir={tmp_path / 'b0'}"]) == 2
+    assert "batch_size=0" in capsys.readouterr().err
     assert main(["method.integrator=rk4"]) == 2
     assert "method.integrator" in capsys.readouterr().err
     assert main([f"data={tmp_path / 'missing.zarr'}", f"run_dir={tmp_path / 'r'}", "device=cpu"]) == 2
     assert "missing.zarr" in capsys.readouterr().err
+
+
+def test_resume_refuses_other_model_overrides(store, tmp_path, capsys):
+    run = tmp_path / "r"
+    train(compose("train", TINY + [f"data={store}", f"run_dir={run}", "steps=2"]))
+    assert main(TINY + [f"data={store}", f"run_dir={run}", "steps=4", "resume=true",
+                        "policy.down_dims=[8,16]"]) == 2
+    assert "policy.down_dims" in capsys.readouterr().err
+    assert main(TINY + [f"data={store}", f"run_dir={run}", "steps=4"]) == 2  # resume not asked
+    assert "already holds a run" in capsys.readouterr().err
 
 
 def test_cli_runs_real_entry_point(store, tmp_path):

@@ -151,7 +151,8 @@ class RecedingHorizonController:
         ids = np.flatnonzero(active)
         for i in ids:
             st = self._envs[i]
-            frame = {k: np.asarray(obs[k][i]) for k in self.obs_keys}
+            # a copy: a caller that reuses its observation buffer must not rewrite the history
+            frame = {k: np.array(obs[k][i], copy=True) for k in self.obs_keys}
             if not st.history:  # episode start: repeat the first observation To times
                 st.history.extend([frame] * self.n_obs_steps)
             else:

@@ -147,7 +147,7 @@ def main() -> None:
               f"{'-' if split is None else f'{100 * split:.0f}%'} | "
               + " | ".join(f"{c:.3f}" for c in coll) + " |", flush=True)
     if args.probe:
-        print(f"\n| task | demos | " + " | ".join(f"k={k}: success / collision" for k in args.probe_k) + " |")
+        print("\n| task | demos | " + " | ".join(f"k={k}: success / collision" for k in args.probe_k) + " |")
         print("| --- " * (2 + len(args.probe_k)) + "|")
         for name in args.tasks:
             task = compose("collect", [f"task={name}"]).task

@@ -19,3 +19,15 @@ def gl_available() -> bool:
 
 needs_gl = pytest.mark.skipif(
     not gl_available(), reason="no OpenGL backend for MuJoCo (set MUJOCO_GL=egl; install libegl1 libgl1 libegl-mesa0)")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The suite's networks are tiny: one intra-op thread is faster, and it avoids OpenMP threads
+    spin-waiting on each other when the two cores are shared (benchmarks/eval_rollouts.md)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

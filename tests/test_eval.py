@@ -6,7 +6,6 @@ that these tests do not depend on training; tests/test_eval_e2e.py runs a real t
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 

@@ -35,18 +35,6 @@ def _save_run(root: Path, overrides=()) -> Path:
     return root
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks: one intra-op thread avoids OpenMP spinning on a shared CPU
-    (benchmarks/eval_rollouts.md)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     return _save_run(tmp_path_factory.mktemp("runs") / "tiny")

@@ -24,13 +24,6 @@ from diffusion_policy.methods import DiffusionMethod, FlowMatching
 H, DA, N = 4, 2, 4000
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one thread avoids OpenMP spin-waiting on a shared, loaded CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 BASE = torch.linspace(-1.0, 1.0, H * DA, dtype=torch.float64).view(H, DA)
 
 

@@ -27,14 +27,6 @@ METHODS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def held_out_loss(method, net, actions, cond) -> float:
     """The loss on the batch repeated 64 times with fixed noise: a low-variance estimate."""
     state = torch.get_rng_state()

@@ -11,14 +11,6 @@ from diffusion_policy.nets import ConditionalUnet1D, MLPDenoiser, ObsEncoder, Tr
 from diffusion_policy.nets.resnet import ResNet18GN, SpatialSoftmax, crop
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def n_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 

@@ -56,15 +56,6 @@ def fit(policy: Policy, obs, actions, steps: int, batch: int = 128, lr: float = 
     return loss.item()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread avoids OpenMP spin-waiting on a shared, loaded CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # the MLP denoiser: the same generative methods, ~10x cheaper per step on a CPU than a small UNet
 DENOISER = PolicyConfig(name="mlp", hidden_dims=[256, 256, 256])
 

@@ -337,7 +337,7 @@ def _rollouts(policy, task, episodes, step, device, rank, world) -> dict:
     """Success of the current (EMA) weights on the selection seeds, which are disjoint from both
     the collection and the test seeds (selecting on test seeds would inflate reported results)."""
     from diffusion_policy.config import SELECT_SEED_BASE
-    from diffusion_policy.evaluate import run_episodes
+    from diffusion_policy.rollout import run_episodes
 
     policy.eval()
     seeds = [SELECT_SEED_BASE + i for i in range(episodes)]

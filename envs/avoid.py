@@ -9,19 +9,12 @@ possible so that a policy learns it from a few hundred demonstrations on a CPU.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
-try:
-    import mujoco
-except Exception as e:  # MUJOCO_GL names a backend whose libraries are missing: fails at import
-    raise ImportError(
-        f"envs.avoid: importing mujoco failed with MUJOCO_GL={os.environ.get('MUJOCO_GL')!r} ({e!r}); "
-        f"use MUJOCO_GL=egl (libegl1, libgl1, libegl-mesa0) or osmesa (libosmesa6), or unset it "
-        f"when nothing is rendered"
-    ) from e
+from envs.rendering import make_renderer  # first: it chooses MUJOCO_GL before mujoco is imported
+import mujoco
 from gymnasium import spaces
 from gymnasium.envs.mujoco.mujoco_env import MujocoEnv
 
@@ -36,18 +29,6 @@ GOAL_RADIUS = 0.06
 START, START_NOISE = np.array([0.0, -0.38]), np.array([0.06, 0.03])
 GOAL, GOAL_NOISE = np.array([0.0, 0.35]), np.array([0.06, 0.03])
 OBSTACLE, OBSTACLE_NOISE = np.array([0.0, 0.0]), np.array([0.04, 0.04])
-
-
-def _make_renderer(model: mujoco.MjModel, height: int, width: int) -> mujoco.Renderer:
-    try:
-        return mujoco.Renderer(model, height=height, width=width)
-    except Exception as e:  # the message of a missing GL backend is otherwise cryptic
-        raise RuntimeError(
-            f"AvoidEnv: cannot create a MuJoCo renderer (MUJOCO_GL={os.environ.get('MUJOCO_GL')!r}): "
-            f"{e}. Rendering headless needs MUJOCO_GL=egl (libegl1, libgl1, libegl-mesa0) or "
-            f"MUJOCO_GL=osmesa (libosmesa6), set before mujoco is imported; obs_mode='state' with "
-            f"render_mode=None needs no renderer."
-        ) from e
 
 
 class AvoidEnv(MujocoEnv):
@@ -145,7 +126,8 @@ class AvoidEnv(MujocoEnv):
 
     def _render_obs(self) -> np.ndarray:
         if self._obs_renderer is None:
-            self._obs_renderer = _make_renderer(self.model, self.image_size, self.image_size)
+            self._obs_renderer = make_renderer(
+                self.model, self.image_size, self.image_size, owner="AvoidEnv")
         self._obs_renderer.update_scene(self.data, camera=self._cam)
         return self._obs_renderer.render().copy()  # (H, W, 3) uint8; the buffer is reused
 
@@ -171,7 +153,8 @@ class AvoidEnv(MujocoEnv):
         if self.render_mode is None:
             return None
         if self._render_renderer is None:
-            self._render_renderer = _make_renderer(self.model, self.render_size, self.render_size)
+            self._render_renderer = make_renderer(
+                self.model, self.render_size, self.render_size, owner="AvoidEnv")
         self._render_renderer.update_scene(self.data, camera=self._cam)
         return self._render_renderer.render().copy()
 

@@ -9,25 +9,11 @@ from __future__ import annotations
 
 import os
 
-# MuJoCo picks its GL backend when it is first imported; without a display, EGL is the headless
-# choice (an explicit MUJOCO_GL always wins).
-if "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
-    os.environ["MUJOCO_GL"] = "egl"
-
-import gymnasium as gym  # noqa: E402
-
-try:
-    import mujoco  # noqa: E402
-except (ImportError, AttributeError, OSError) as e:  # mujoco loads the MUJOCO_GL backend on import
-    if "MUJOCO_GL" not in os.environ:
-        raise
-    raise ImportError(
-        f"importing mujoco failed with MUJOCO_GL={os.environ['MUJOCO_GL']!r} ({type(e).__name__}: "
-        f"{e}): that OpenGL backend could not be loaded. Headless machines need MUJOCO_GL=egl "
-        f"with libEGL installed (apt install libegl1 libgl1), or MUJOCO_GL=osmesa with libOSMesa."
-    ) from e
-import numpy as np  # noqa: E402
-from gymnasium import spaces  # noqa: E402
+from envs.rendering import make_renderer  # first: it chooses MUJOCO_GL before mujoco is imported
+import gymnasium as gym
+import mujoco
+import numpy as np
+from gymnasium import spaces
 
 ASSET = os.path.join(os.path.dirname(__file__), "assets", "pickplace.xml")
 
@@ -292,14 +278,7 @@ class PickPlaceEnv(gym.Env):
     def _render_camera(self, camera: str, size: int) -> np.ndarray:
         renderer = self._renderers.get(size)
         if renderer is None:
-            try:
-                renderer = mujoco.Renderer(self.model, size, size)
-            except Exception as e:  # the GL backend's own error says little about the fix
-                raise RuntimeError(
-                    f"PickPlaceEnv: cannot create an OpenGL context for rendering "
-                    f"(MUJOCO_GL={os.environ.get('MUJOCO_GL')!r}): {e}. Headless machines need "
-                    f"MUJOCO_GL=egl with libEGL installed (apt install libegl1 libgl1), or "
-                    f"MUJOCO_GL=osmesa.") from e
+            renderer = make_renderer(self.model, size, size, owner="PickPlaceEnv")
             self._renderers[size] = renderer
         renderer.update_scene(self.data, camera=camera)
         return renderer.render()  # a new (size, size, 3) uint8 array each call

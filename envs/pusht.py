@@ -5,19 +5,16 @@ MuJoCo with a quasi-static block (see ``assets/pusht.xml`` for the physical choi
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-if "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
-    # Headless machine: MuJoCo's default (GLFW) needs a display; EGL renders off-screen.
-    os.environ["MUJOCO_GL"] = "egl"
-import mujoco  # noqa: E402  (after MUJOCO_GL is chosen)
+from envs.rendering import make_renderer  # first: it chooses MUJOCO_GL before mujoco is imported
+import mujoco
 
-from envs import geometry  # noqa: E402
+from envs import geometry
 
 ASSET = Path(__file__).parent / "assets" / "pusht.xml"
 UNIT = 0.035  # stem width u of the T (m); the XML's block and target geoms use the same numbers
@@ -27,14 +24,6 @@ SUCCESS_COVERAGE = 0.95
 # Keypoints: the 8 outline corners of the T and the middle of the stem's bottom edge (its tip).
 KEYPOINTS_LOCAL = np.concatenate(
     [geometry.t_outline(UNIT), geometry.t_outline(UNIT)[:2].mean(axis=0, keepdims=True)])
-
-
-def _gl_error(exc: Exception) -> RuntimeError:
-    return RuntimeError(
-        f"PushTEnv: could not create an OpenGL context for rendering "
-        f"(MUJOCO_GL={os.environ.get('MUJOCO_GL', '<unset>')}): {exc}. Headless rendering needs "
-        f"EGL (MUJOCO_GL=egl and libEGL, e.g. `apt-get install libegl1 libgl1 libegl-mesa0`) or "
-        f"OSMesa (MUJOCO_GL=osmesa); set MUJOCO_GL before the first `import mujoco`.")
 
 
 class PushTEnv(gym.Env):
@@ -180,10 +169,7 @@ class PushTEnv(gym.Env):
     # ------------------------------------------------------------------------------- rendering
     def _render(self, size: int) -> np.ndarray:
         if size not in self._renderers:
-            try:
-                self._renderers[size] = mujoco.Renderer(self.model, size, size)
-            except Exception as exc:  # the GL back-end's own error types differ
-                raise _gl_error(exc) from exc
+            self._renderers[size] = make_renderer(self.model, size, size, owner="PushTEnv")
         renderer = self._renderers[size]
         renderer.update_scene(self.data, camera="top")
         return renderer.render().copy()

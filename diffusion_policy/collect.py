@@ -176,7 +176,8 @@ def collect(cfg: CollectConfig) -> dict:
     workers = max(1, min(workers, need, len(seeds)))
     t0 = time.perf_counter()
     steps, attempted = [], []
-    bar = tqdm(total=need, desc=f"dp-collect {task.name}", unit="ep", dynamic_ncols=True)
+    bar = tqdm(total=need, desc=f"dp-collect {task.name}", unit="ep", dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 30.0)  # logs get a line every 30 s
     pool = None
     try:
         if workers == 1:

@@ -1,5 +1,6 @@
 """Shared test set-up: headless MuJoCo rendering and a marker for tests that need it."""
 import os
+import warnings
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
@@ -31,3 +32,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def check_env_without_warnings(env) -> None:
+    """Gymnasium's env checker passes on ``env`` and warns about nothing."""
+    from gymnasium.utils.env_checker import check_env
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_env(env.unwrapped)
+    assert [str(w.message) for w in caught] == []

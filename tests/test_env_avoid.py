@@ -1,19 +1,17 @@
 """dp/Avoid-v0 and its expert: Gymnasium's checker, seeding, the expert's success and both routes."""
 import os
-import warnings
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 import gymnasium as gym
 import numpy as np
 import pytest
-from gymnasium.utils.env_checker import check_env
 
 import envs  # noqa: F401  (registers dp/*)
 from envs.avoid import AGENT_RADIUS, OBSTACLE_RADIUS
 from envs.experts import EXPERTS, make_expert
 from envs.experts.avoid import AvoidExpert
-from conftest import needs_gl
+from conftest import check_env_without_warnings, needs_gl
 
 
 def rollout(env, expert, seed, max_steps=100):
@@ -28,20 +26,14 @@ def rollout(env, expert, seed, max_steps=100):
 
 def test_check_env_state_no_warnings():
     env = gym.make("dp/Avoid-v0")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        check_env(env.unwrapped)
-    assert [str(w.message) for w in caught] == []
+    check_env_without_warnings(env)
     env.close()
 
 
 @needs_gl
 def test_check_env_image_and_render():
     env = gym.make("dp/Avoid-v0", obs_mode="image", render_mode="rgb_array")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        check_env(env.unwrapped)
-    assert [str(w.message) for w in caught] == []
+    check_env_without_warnings(env)
     obs, _ = env.reset(seed=0)
     assert obs["image"].shape == (96, 96, 3) and obs["image"].dtype == np.uint8
     assert obs["agent_pos"].shape == (2,)

@@ -1,19 +1,17 @@
 """dp/PickPlace-v0 and its expert: Gymnasium's checker, seeding, IK, cameras and the expert."""
 import os
-import warnings
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 import gymnasium as gym
 import numpy as np
 import pytest
-from gymnasium.utils.env_checker import check_env
 
 import envs  # noqa: F401  (registers dp/*)
 from envs.experts import EXPERTS, make_expert
 from envs.experts.pickplace import PickPlaceExpert, grasp_yaw
 from envs.pickplace import PickPlaceEnv
-from conftest import needs_gl
+from conftest import check_env_without_warnings, needs_gl
 
 
 def rollout(env, expert, seed, max_steps=200):
@@ -29,10 +27,7 @@ def rollout(env, expert, seed, max_steps=200):
 
 def test_check_env_state_no_warnings():
     env = gym.make("dp/PickPlace-v0")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        check_env(env.unwrapped)
-    assert [str(w.message) for w in caught] == []
+    check_env_without_warnings(env)
     obs, _ = env.reset(seed=0)
     assert obs["state"].shape == (12,) and obs["state"].dtype == np.float32
     env.close()
@@ -41,10 +36,7 @@ def test_check_env_state_no_warnings():
 @needs_gl
 def test_check_env_image_no_warnings_and_cameras():
     env = gym.make("dp/PickPlace-v0", obs_mode="image", render_mode="rgb_array")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        check_env(env.unwrapped)
-    assert [str(w.message) for w in caught] == []
+    check_env_without_warnings(env)
     obs, _ = env.reset(seed=0)
     assert set(obs) == {"front_image", "wrist_image", "agent_pos"}
     for key in ("front_image", "wrist_image"):

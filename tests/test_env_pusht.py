@@ -1,20 +1,18 @@
 """dp/PushT-v0: Gymnasium's checker, seeding, rendering, exact coverage and the scripted expert."""
 import os
-import warnings
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 import gymnasium as gym
 import numpy as np
 import pytest
-from gymnasium.utils.env_checker import check_env
 
 import envs  # noqa: F401  (registers dp/*)
 from envs import geometry
 from envs.experts import EXPERTS, make_expert
 from envs.experts.pusht import PushTExpert
 from envs.pusht import TARGET_POSE, UNIT
-from conftest import needs_gl
+from conftest import check_env_without_warnings, needs_gl
 
 
 # ------------------------------------------------------------------------------------ geometry
@@ -74,20 +72,14 @@ def test_path_around_square():
 @pytest.mark.parametrize("mode", ["state", "keypoints"])
 def test_check_env_no_warnings(mode):
     env = gym.make("dp/PushT-v0", obs_mode=mode)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        check_env(env.unwrapped)
-    assert [str(w.message) for w in caught] == []
+    check_env_without_warnings(env)
     env.close()
 
 
 @needs_gl
 def test_check_env_image_and_render():
     env = gym.make("dp/PushT-v0", obs_mode="image", render_mode="rgb_array")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        check_env(env.unwrapped)
-    assert [str(w.message) for w in caught] == []
+    check_env_without_warnings(env)
     obs, _ = env.reset(seed=0)
     assert obs["image"].shape == (96, 96, 3) and obs["image"].dtype == np.uint8
     assert obs["image"].std() > 5  # not a blank frame

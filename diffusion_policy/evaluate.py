@@ -10,7 +10,8 @@ disjoint from the collection and selection seeds (``diffusion_policy.config``). 
 queue; whichever environment is free takes the next one and resets to that episode's seed, and the
 sampler of each episode has its own torch generator seeded with the same number. An episode's
 result is therefore a function of the checkpoint and its seed only: the same for any ``n_envs``
-and any number of ranks (tests/test_eval_e2e.py checks this).
+and any number of ranks, up to the float rounding of batched kernels (about 1e-5 in the actions;
+tests/test_eval_e2e.py checks outcomes and each episode's mean action).
 
 Environments run in ``AsyncVectorEnv`` worker processes started with ``forkserver``/``spawn``
 (a forked OpenGL context crashes MuJoCo's renderer, DP issue #76); ``n_envs=1`` and the expert

@@ -142,12 +142,13 @@ def rollout(actor, vec_env, episodes: list, seeds: list, videos: int = 0,
 
     Returns (records in episode order, {episode: video frames} for episodes ``< videos``,
     {episode: final frame}). A record: episode, seed, success, max_reward, return, length,
-    rewards, final_info.
+    rewards, mean_action (the episode's mean action: a fingerprint of what was done), final_info.
     """
     n = vec_env.num_envs
     queue = list(zip(episodes, seeds))[::-1]  # pop() takes the lowest episode first
     slot = [None] * n  # (episode, seed) running in each env
     rewards = [[] for _ in range(n)]
+    action_sums = [0.0] * n  # per-dimension sums of the actions taken (a fingerprint of the episode)
     success = np.zeros(n, bool)
     frames, finals, records = {}, {}, []
     space = vec_env.single_action_space
@@ -183,7 +184,7 @@ def rollout(actor, vec_env, episodes: list, seeds: list, videos: int = 0,
         for k in obs:
             obs[k][mask] = new[k][mask]
         for i in np.flatnonzero(mask):
-            rewards[i], success[i] = [], False
+            rewards[i], success[i], action_sums[i] = [], False, 0.0
             env = vec_env.envs[i] if hasattr(vec_env, "envs") else None
             actor.begin(i, slot[i][1], env)
         if any(slot[i][0] < videos for i in np.flatnonzero(mask)):
@@ -207,6 +208,7 @@ def rollout(actor, vec_env, episodes: list, seeds: list, videos: int = 0,
         imgs = render_all() if recording or (final_frames and ended.any()) else None
         for i in np.flatnonzero(active):
             rewards[i].append(float(rew[i]))
+            action_sums[i] = action_sums[i] + np.asarray(act[i], dtype=np.float64)
             info = _env_info(infos, i)
             success[i] |= bool(info.get("success", False))
             ep, seed = slot[i]
@@ -219,6 +221,8 @@ def rollout(actor, vec_env, episodes: list, seeds: list, videos: int = 0,
                 records.append({"episode": int(ep), "seed": int(seed), "success": bool(success[i]),
                                 "max_reward": float(r.max()), "return": float(r.sum()),
                                 "length": int(len(r)), "terminated": bool(term[i]),
+                                "mean_action": [round(float(x), 6) for x in
+                                                np.atleast_1d(action_sums[i]) / len(r)],
                                 "rewards": [round(x, 6) for x in r.tolist()], "final_info": info})
         if ended.any():
             start(np.flatnonzero(ended))

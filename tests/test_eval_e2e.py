@@ -89,6 +89,9 @@ def test_reproducible_for_a_checkpoint_and_seed(run_dir, tmp_path):
     ev.evaluate(compose("eval", common + ["n_envs=1", f"out={tmp_path / 'a'}"]))
     ev.evaluate(compose("eval", common + ["n_envs=2", f"out={tmp_path / 'b'}"]))
     a, b = _episodes(tmp_path / "a"), _episodes(tmp_path / "b")
+    # the actions agree up to float rounding (a batch of two runs other kernels than two of one)
+    for ra, rb in zip(a, b):
+        np.testing.assert_allclose(ra.pop("mean_action"), rb.pop("mean_action"), atol=1e-4)
     assert a == b
 
 

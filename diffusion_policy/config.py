@@ -316,10 +316,26 @@ def validate(cfg: Any) -> None:
 
 
 def as_dict(cfg: Any) -> dict:
-    """A plain, JSON-able dict of a config dataclass (for checkpoints and run folders)."""
+    """A plain, JSON-able dict of a config dataclass, a DictConfig or a dict (for checkpoints and
+    run folders)."""
+    from dataclasses import is_dataclass
+
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    node = OmegaConf.structured(cfg) if is_dataclass(cfg) else OmegaConf.create(cfg)
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def typed(schema: type, d: dict) -> Any:
+    """A dict back to its dataclass, checked against the schema: an unknown key or a wrong type
+    raises ConfigError naming it (a checkpoint's config.json, for instance)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), d))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{schema.__name__}: {' '.join(str(e).split())}") from None
 
 
 def run_cli(prog: str, config_name: str, job, argv: Sequence[str] | None, doc: str,

@@ -29,13 +29,12 @@ import json
 import os
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 
 
 from diffusion_policy import report
 from diffusion_policy.checkpoint import CheckpointError, resolve_checkpoint
-from diffusion_policy.config import EVAL_SEED_BASE, SEED_RANGE, EvalConfig, TaskConfig
+from diffusion_policy.config import EVAL_SEED_BASE, SEED_RANGE, ConfigError, EvalConfig, TaskConfig, as_dict, typed
 from diffusion_policy.control.controller import SMOOTHING
 from diffusion_policy.rollout import (  # noqa: F401  (run_episodes and rollout: public here too)
     EvalError,
@@ -63,12 +62,10 @@ def _task_from(obj) -> TaskConfig:
     """A TaskConfig from a dataclass, a DictConfig or a plain dict (a checkpoint's config.json)."""
     if isinstance(obj, TaskConfig):
         return obj
-    if not isinstance(obj, dict):
-        from omegaconf import OmegaConf
-
-        obj = OmegaConf.to_container(obj, resolve=True)
-    known = {f.name for f in fields(TaskConfig)}
-    return TaskConfig(**{k: v for k, v in obj.items() if k in known})
+    try:
+        return typed(TaskConfig, as_dict(obj))
+    except ConfigError as e:
+        raise EvalError(f"task config: {e}") from None
 
 
 # ------------------------------------------------------------------------------- the job

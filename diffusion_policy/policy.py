@@ -22,29 +22,16 @@ from dataclasses import is_dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from diffusion_policy.config import MethodConfig, PolicyConfig, TaskConfig, check_horizons
+from diffusion_policy.config import MethodConfig, PolicyConfig, TaskConfig, as_dict, check_horizons, typed
 from diffusion_policy.data.normalize import Normalizer
 from diffusion_policy.methods import build_method
 from diffusion_policy.nets import ObsEncoder, build_net
 
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
-
-
-def _plain(cfg) -> dict:
-    """A JSON-able dict of a config dataclass or DictConfig."""
-    if is_dataclass(cfg):
-        return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    return OmegaConf.to_container(OmegaConf.create(cfg), resolve=True)
-
-
-def _typed(schema, d: dict):
-    """A dict back to its dataclass, checked against the schema (unknown keys fail)."""
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), d))
 
 
 class Policy(nn.Module):
@@ -78,7 +65,7 @@ class Policy(nn.Module):
     def build(cls, task_cfg, policy_cfg, method_cfg, normalizer, shapes, action_dim) -> "Policy":
         """Build from typed configs (dataclasses or DictConfigs with the same fields)."""
         task_cfg, policy_cfg, method_cfg = (
-            c if is_dataclass(c) else _typed(s, _plain(c))
+            c if is_dataclass(c) else typed(s, as_dict(c))
             for c, s in ((task_cfg, TaskConfig), (policy_cfg, PolicyConfig), (method_cfg, MethodConfig))
         )
         return cls(task_cfg, policy_cfg, method_cfg, normalizer, shapes, action_dim)
@@ -142,9 +129,9 @@ class Policy(nn.Module):
     def config_dict(self) -> dict:
         return {
             "format_version": FORMAT_VERSION,
-            "task": _plain(self.task_cfg),
-            "policy": _plain(self.policy_cfg),
-            "method": _plain(self.method_cfg),
+            "task": as_dict(self.task_cfg),
+            "policy": as_dict(self.policy_cfg),
+            "method": as_dict(self.method_cfg),
             "shapes": {k: list(v) for k, v in self.shapes.items()},
             "action_dim": self.action_dim,
             "normalizer": json.loads(self.normalizer.to_json()),
@@ -170,8 +157,8 @@ class Policy(nn.Module):
         if version != FORMAT_VERSION:
             raise ValueError(f"{path / CONFIG}: format_version {version}, expected {FORMAT_VERSION}")
         policy = cls(
-            _typed(TaskConfig, cfg["task"]), _typed(PolicyConfig, cfg["policy"]),
-            _typed(MethodConfig, cfg["method"]), Normalizer.from_json(json.dumps(cfg["normalizer"])),
+            typed(TaskConfig, cfg["task"]), typed(PolicyConfig, cfg["policy"]),
+            typed(MethodConfig, cfg["method"]), Normalizer.from_json(json.dumps(cfg["normalizer"])),
             {k: tuple(v) for k, v in cfg["shapes"].items()}, cfg["action_dim"],
         )
         policy.load_state_dict(load_file(str(path / WEIGHTS)))

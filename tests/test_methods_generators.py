@@ -26,3 +26,14 @@ def test_list_of_generators_matches_rows_sampled_alone(name):
                        for i, s in enumerate(seeds)])
     torch.testing.assert_close(batched, alone, atol=1e-6, rtol=0)
     assert not torch.allclose(batched[0], batched[1])  # different generators, different samples
+
+
+def test_sampling_leaves_the_shared_scheduler_untouched():
+    """Each call steps its own copy of the scheduler, so overlapping predict calls (server threads)
+    cannot corrupt each other's timesteps or DPM-Solver's history."""
+    method = METHODS["dpmsolver"]()
+    before = method.scheduler.timesteps.clone()
+    net = lambda x, t, cond: 0.1 * x  # noqa: E731
+    method.sample(net, torch.zeros(2, 2, 4), (2, 8, 2), num_steps=3)
+    torch.testing.assert_close(method.scheduler.timesteps, before)
+    assert all(o is None for o in method.scheduler.model_outputs)

@@ -19,6 +19,7 @@ SDEs", App. I.2; Lugmayr et al. 2022 "RePaint" without resampling).
 """
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
@@ -140,7 +141,9 @@ class DiffusionMethod:
         x = randn_tensor(tuple(shape), generator=generator, device=device, dtype=torch.float32)
         P = check_prefix(prefix, shape)
         noise_prefix = x[:, :P].clone() if P else None
-        sched = self.scheduler
+        # a copy per call: set_timesteps and DPM-Solver's history of model outputs are state, and
+        # two overlapping predict calls (a server's threads) must not share it
+        sched = copy.copy(self.scheduler)
         sched.set_timesteps(n)  # timesteps stay on the CPU: step() indexes CPU tables with them
         t_dev = self._device_timesteps(sched.timesteps, device)
         for i, k in enumerate(sched.timesteps):

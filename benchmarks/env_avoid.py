@@ -28,21 +28,7 @@ import numpy as np
 
 from diffusion_policy.collect import make_env, run_episode
 from diffusion_policy.config import COLLECT_SEED_BASE, EVAL_SEED_BASE, CollectConfig, compose
-
-
-def steps_per_second(task, n_steps: int) -> float:
-    env = make_env(task.env_id, dict(task.env_kwargs), 10**6)
-    env.reset(seed=0)
-    env.action_space.seed(0)
-    actions = [env.action_space.sample() for _ in range(n_steps)]
-    t0 = time.perf_counter()
-    for a in actions:
-        _, _, terminated, truncated, _ = env.step(a)
-        if terminated or truncated:
-            env.reset()
-    rate = n_steps / (time.perf_counter() - t0)
-    env.close()
-    return rate
+from envbench import steps_per_second
 
 
 def expert_quality(task, n_seeds: int) -> dict:
@@ -139,7 +125,7 @@ def main() -> None:
     print("| --- " * (5 + len(args.workers)) + "|")
     for name in args.tasks:
         task = compose("collect", [f"task={name}"]).task
-        sps = steps_per_second(task, args.steps)
+        sps = steps_per_second(task.env_id, task.env_kwargs, args.steps)
         q = expert_quality(task, args.seeds)
         split = q["right"]
         coll = [collect_seconds(task, args.collect, w) for w in args.workers]

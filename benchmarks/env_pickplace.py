@@ -3,7 +3,8 @@
 Measures, in one process (MuJoCo steps on one thread):
 1. env steps per second with random actions, ``obs_mode="state"`` and ``obs_mode="image"``
    (two 96x96 cameras rendered every step through MUJOCO_GL, EGL here);
-2. the expert over seeds ``0 .. n-1`` (env seed i, expert rng seed i) with state observations:
+2. the expert over seeds ``0 .. n-1`` (env seed i; the expert's stream as dp-collect seeds it)
+   with state observations:
    success rate, steps per episode, wall seconds per episode;
 3. the expert with image observations on the first few seeds: seconds per episode, i.e. what
    collecting image demonstrations costs.
@@ -21,53 +22,26 @@ import time
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
+from envbench import steps_per_second  # noqa: E402
 
-import envs  # noqa: E402,F401  (registers dp/*)
+from diffusion_policy.collect import make_env, run_episode  # noqa: E402
 from envs.experts import make_expert  # noqa: E402
 
 
-def steps_per_second(obs_mode: str, n_steps: int) -> float:
-    """Random actions, resetting whenever an episode ends; reset time is included."""
-    env = gym.make("dp/PickPlace-v0", obs_mode=obs_mode)
-    rng = np.random.default_rng(0)
-    env.reset(seed=0)
-    env.step(env.action_space.sample())  # warm-up: renderer creation, first contact allocation
-    t0 = time.perf_counter()
-    for _ in range(n_steps):
-        _, _, terminated, truncated, _ = env.step(rng.uniform(-1, 1, 5).astype(np.float32))
-        if terminated or truncated:
-            env.reset()
-    dt = time.perf_counter() - t0
-    env.close()
-    return n_steps / dt
-
-
 def expert_rollouts(obs_mode: str, seeds: range) -> dict:
-    env = gym.make("dp/PickPlace-v0", obs_mode=obs_mode)
-    expert = make_expert("pickplace")
-    successes, lengths, failed = 0, [], []
+    """The expert driven by ``diffusion_policy.collect.run_episode``, exactly as dp-collect drives
+    it (same expert seed stream), on env seeds ``seeds``."""
+    env = make_env("dp/PickPlace-v0", {"obs_mode": obs_mode}, 200)
     t0 = time.perf_counter()
-    for seed in seeds:
-        env.reset(seed=seed)
-        expert.reset(env, np.random.default_rng(seed))
-        steps = 0
-        while True:
-            _, _, terminated, truncated, info = env.step(expert.act(env))
-            steps += 1
-            if terminated or truncated:
-                break
-        successes += info["success"]
-        lengths.append(steps)
-        if not info["success"]:
-            failed.append(seed)
+    runs = [run_episode(env, make_expert("pickplace"), seed) for seed in seeds]
     dt = time.perf_counter() - t0
     env.close()
-    n = len(seeds)
-    return {"success_rate": successes / n, "failed_seeds": failed,
+    lengths = [r["steps"] for r in runs]
+    return {"success_rate": float(np.mean([r["success"] for r in runs])),
+            "failed_seeds": [r["seed"] for r in runs if not r["success"]],
             "mean_len": float(np.mean(lengths)), "max_len": int(np.max(lengths)),
-            "s_per_episode": dt / n, "steps_per_s": float(np.sum(lengths)) / dt}
+            "s_per_episode": dt / len(runs), "steps_per_s": float(np.sum(lengths)) / dt}
 
 
 def gl_renderer_name() -> str:
@@ -98,7 +72,7 @@ def main() -> None:
     print(f"MUJOCO_GL={os.environ['MUJOCO_GL']}, GL renderer: {gl_renderer_name()}, "
           f"LP_NUM_THREADS={os.environ.get('LP_NUM_THREADS', 'unset')}")
     for mode, n in (("state", args.steps), ("image", args.steps // 4)):
-        print(f"random actions, obs_mode={mode}: {steps_per_second(mode, n):.0f} env steps/s")
+        print(f"random actions, obs_mode={mode}: {steps_per_second('dp/PickPlace-v0', {'obs_mode': mode}, n):.0f} env steps/s")
     r = expert_rollouts("state", range(args.seeds))
     print(f"expert, obs_mode=state, seeds 0..{args.seeds - 1}: success {r['success_rate']:.1%} "
           f"(failed: {r['failed_seeds']}), steps/episode mean {r['mean_len']:.1f} max "

@@ -3,7 +3,7 @@
     MUJOCO_GL=egl python benchmarks/env_pusht.py                 # speeds + expert on seeds 0..99
     MUJOCO_GL=egl python benchmarks/env_pusht.py --seeds 20 --no-speed
 
-Environment steps per second on one core with random actions (reset excluded), for each
+Environment steps per second on one core with random actions (resets included), for each
 observation mode (image: 96x96 rendered by EGL on the CPU here). Then the expert (``task=pusht``,
 keypoint observations) on seeds ``--start .. --start+--seeds-1`` of the collection range, driven
 by ``diffusion_policy.collect.run_episode`` exactly as ``dp-collect`` drives it: success rate
@@ -23,22 +23,7 @@ import numpy as np
 
 from diffusion_policy.collect import make_env, run_episode
 from diffusion_policy.config import COLLECT_SEED_BASE
-
-
-def steps_per_second(obs_mode: str, n_steps: int) -> float:
-    env = make_env("dp/PushT-v0", {"obs_mode": obs_mode}, 10**6)
-    env.reset(seed=0)
-    env.action_space.seed(0)
-    actions = [env.action_space.sample() for _ in range(n_steps)]
-    env.step(actions[0])  # the image renderer is created on the first observation
-    t0 = time.perf_counter()
-    for a in actions:
-        _, _, terminated, truncated, _ = env.step(a)
-        if terminated or truncated:
-            env.reset()
-    rate = n_steps / (time.perf_counter() - t0)
-    env.close()
-    return rate
+from envbench import steps_per_second
 
 
 def expert_quality(start: int, n_seeds: int, verbose: bool) -> dict:
@@ -94,7 +79,7 @@ def main() -> None:
         print("| obs_mode | env steps/s (1 core) |\n| --- | --- |")
         modes = (("state", args.steps), ("keypoints", args.steps), ("image", args.image_steps))
         for mode, n in modes:
-            print(f"| {mode} | {steps_per_second(mode, n):.0f} |", flush=True)
+            print(f"| {mode} | {steps_per_second('dp/PushT-v0', {'obs_mode': mode}, n):.0f} |", flush=True)
     if args.seeds > 0:
         t0 = time.perf_counter()
         q = expert_quality(args.start, args.seeds, args.verbose)

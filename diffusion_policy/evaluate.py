@@ -26,7 +26,6 @@ gathers over torch.distributed when it is initialized) and rank 0 merges and wri
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from diffusion_policy import report
 from diffusion_policy.checkpoint import CheckpointError, resolve_checkpoint
 from diffusion_policy.config import EVAL_SEED_BASE, SEED_RANGE, ConfigError, EvalConfig, TaskConfig, as_dict, typed
 from diffusion_policy.control.controller import SMOOTHING
+from diffusion_policy.distributed import rank_world, resolve_device
 from diffusion_policy.rollout import (  # noqa: F401  (run_episodes and rollout: public here too)
     EvalError,
     ExpertActor,
@@ -69,24 +69,6 @@ def _task_from(obj) -> TaskConfig:
 
 
 # ------------------------------------------------------------------------------- the job
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def _device(name: str, rank: int) -> str:
-    import torch
-
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
-    return "cpu"
-
-
 def evaluate(cfg: EvalConfig) -> dict:
     """Run ``cfg.episodes`` episodes and write the report under ``cfg.out``. Returns the metrics
     on rank 0 and ``{}`` on the other ranks."""
@@ -95,7 +77,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     if not 0 <= cfg.seed <= SEED_RANGE - cfg.episodes:
         raise EvalError(f"seed={cfg.seed}: seed + episodes must stay within the evaluation seed "
                         f"range of {SEED_RANGE} (EVAL_SEED_BASE={EVAL_SEED_BASE})")
-    rank, world = _rank_world()
+    rank, world, local_rank = rank_world()
     t_start = time.time()
     given_task = _task_from(cfg.task) if cfg.task is not None else None
 
@@ -129,7 +111,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     if smoothing not in SMOOTHING:
         raise EvalError(f"smoothing={smoothing!r} is not allowed; expected one of {', '.join(SMOOTHING)}")
 
-    device = _device(cfg.device, rank)
+    device = str(resolve_device(cfg.device, local_rank))
     episodes = list(range(rank, cfg.episodes, world))  # this rank's share of the seeds
     seeds = [EVAL_SEED_BASE + cfg.seed + i for i in episodes]
     n_envs = 1 if cfg.checkpoint == "expert" else (cfg.n_envs or default_n_envs(len(episodes)))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import sys
 import time
 from datetime import datetime
@@ -26,6 +25,7 @@ import torch.distributed as dist
 from diffusion_policy import checkpoint as ckpt
 from diffusion_policy.config import ConfigError, TrainConfig, as_dict, run_cli
 from diffusion_policy.data.normalize import Normalizer
+from diffusion_policy.distributed import rank_world, resolve_device
 from diffusion_policy.data.store import EpisodeStore, StoreError
 from diffusion_policy.data.windows import WindowSampler, split_episodes
 from diffusion_policy.logger import Logger
@@ -33,16 +33,6 @@ from diffusion_policy.policy import Policy
 
 
 # ------------------------------------------------------------------------------------ helpers
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        name = f"cuda:{local_rank}"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but CUDA is not available; expected device=cpu or auto")
-    return torch.device(name)
-
-
 def ema_decay(step: int, power: float, max_decay: float) -> float:
     """EMA warm-up as in Chi et al. (power 0.75): decay = 1 - (1 + step)^-power, capped."""
     if step <= 0:
@@ -124,9 +114,7 @@ class LossModule(torch.nn.Module):
 def train(cfg: TrainConfig) -> dict:
     """Train a policy; returns {'run_dir', 'step', 'train_loss', 'val_loss', 'best'}."""
     # ---- ranks and device
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world, local_rank = rank_world()
     device = resolve_device(cfg.device, local_rank)
     if cfg.batch_size < 1 or cfg.batch_size % world:
         raise ConfigError(f"batch_size={cfg.batch_size} must be a positive multiple of the number of "

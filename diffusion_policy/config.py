@@ -242,19 +242,6 @@ def register_configs() -> None:
 # ------------------------------------------------------------------------------- composition
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-# Allowed values of enumerated fields, checked by validate(): hydra checks keys and types, these
-# are checked here so a typo names the key and what it may be.
-CHOICES = {
-    "policy.name": ("unet", "transformer", "mlp"),
-    "method.name": ("diffusion", "flow", "regression"),
-    "method.scheduler": ("ddpm", "ddim", "dpmsolver"),
-    "method.beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
-    "method.prediction_type": ("epsilon", "sample", "v_prediction"),
-    "method.time_dist": ("uniform", "logit_normal", "beta"),
-    "method.integrator": ("euler", "midpoint", "heun"),
-}
-
-
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the key and what was expected."""
 
@@ -278,9 +265,22 @@ def compose(config_name: str, overrides: Sequence[str] = ()) -> Any:
     return obj
 
 
+def _choices() -> dict:
+    """Allowed values of enumerated fields, as the nets and methods define them: hydra checks keys
+    and types, these are checked here so a typo names the key and what it may be."""
+    from diffusion_policy.methods import METHOD_NAMES
+    from diffusion_policy.methods.diffusion import BETA_SCHEDULES, PREDICTION_TYPES, SCHEDULERS
+    from diffusion_policy.methods.flow import INTEGRATORS, TIME_DISTS
+    from diffusion_policy.nets import NET_NAMES
+
+    return {"policy.name": NET_NAMES, "method.name": METHOD_NAMES, "method.scheduler": SCHEDULERS,
+            "method.beta_schedule": BETA_SCHEDULES, "method.prediction_type": PREDICTION_TYPES,
+            "method.time_dist": TIME_DISTS, "method.integrator": INTEGRATORS}
+
+
 def validate(cfg: Any) -> None:
     """Check enumerated fields and the horizons of a composed job config."""
-    for dotted, allowed in CHOICES.items():
+    for dotted, allowed in _choices().items():
         group, key = dotted.split(".")
         node = getattr(cfg, group, None)
         if node is None or not hasattr(node, key):

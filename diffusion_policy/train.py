@@ -27,7 +27,7 @@ from diffusion_policy.config import ConfigError, TrainConfig, as_dict, run_cli
 from diffusion_policy.data.normalize import Normalizer
 from diffusion_policy.distributed import rank_world, resolve_device
 from diffusion_policy.data.store import EpisodeStore, StoreError
-from diffusion_policy.data.windows import WindowSampler, split_episodes
+from diffusion_policy.data.windows import WindowSampler, batch_to_torch, split_episodes
 from diffusion_policy.logger import Logger
 from diffusion_policy.policy import Policy
 
@@ -71,7 +71,7 @@ class Windows:
         self.cache, self._perm = None, None
         if on_device:  # every window materialized once: a batch is one index into device tensors
             full = sampler.gather(arrays, np.arange(len(sampler)), obs_keys, action_key)
-            self.cache = _to_torch(full, device)
+            self.cache = batch_to_torch(full, device)
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -91,12 +91,7 @@ class Windows:
             return {"obs": {key: v[t] for key, v in self.cache["obs"].items()},
                     "action": self.cache["action"][t]}
         out = self.sampler.gather(self.arrays, idx, self.obs_keys, self.action_key)
-        return _to_torch(out, self.device)
-
-
-def _to_torch(batch: dict, device) -> dict:
-    return {"obs": {k: torch.as_tensor(np.asarray(v)).to(device, non_blocking=True) for k, v in batch["obs"].items()},
-            "action": torch.as_tensor(np.asarray(batch["action"]), dtype=torch.float32).to(device)}
+        return batch_to_torch(out, self.device)
 
 
 class LossModule(torch.nn.Module):
@@ -167,7 +162,8 @@ def train(cfg: TrainConfig) -> dict:
         policy = state["model"]
         _check_same_model(cfg, state["trainer"]["config"], run_dir)
     else:
-        fit_arrays = {k: _episode_rows(arrays[k], store.episode_ends, train_ids) for k in keys
+        rows = [store.episode_slice(int(e)) for e in train_ids]  # statistics of training episodes only
+        fit_arrays = {k: np.concatenate([np.asarray(arrays[k][r]) for r in rows]) for k in keys
                       if k not in task.image_keys}
         modes = {k: "minmax" for k in fit_arrays} | {k: "image" for k in task.image_keys}
         normalizer = Normalizer.fit(fit_arrays, modes)
@@ -284,11 +280,6 @@ def _check_same_model(cfg: TrainConfig, saved: dict, run_dir) -> None:
                           f"drop those overrides to continue it, or start a new run_dir")
 
 
-def _episode_rows(array, episode_ends, episodes) -> np.ndarray:
-    starts = np.concatenate([[0], episode_ends[:-1]])
-    return np.concatenate([np.asarray(array[starts[e]:episode_ends[e]]) for e in episodes])
-
-
 def _mean_across_ranks(x: torch.Tensor, world: int) -> float:
     if world > 1:
         x = x.float().clone()
@@ -311,7 +302,7 @@ def _validation_loss(policy, arrays, sampler, task, device, seed, world, rank, m
         for chunk in np.array_split(idx, max(1, math.ceil(len(idx) / 512))):
             if len(chunk) == 0:  # a rank with no validation windows adds nothing
                 continue
-            batch = _to_torch(sampler.gather(arrays, chunk, task.obs_keys, task.action_key), device)
+            batch = batch_to_torch(sampler.gather(arrays, chunk, task.obs_keys, task.action_key), device)
             total += policy.compute_loss(batch).detach() * len(chunk)
             n += len(chunk)
     policy.train(was_training)

@@ -8,7 +8,7 @@ import importlib
 _EXPORTS = {
     "EpisodeStore": "store", "LazyArray": "store", "StoreError": "store", "validate_store": "cli",
     "WindowSampler": "windows", "WindowDataset": "windows", "collate_windows": "windows",
-    "make_datasets": "windows", "make_loader": "windows", "split_episodes": "windows",
+    "make_datasets": "windows", "batch_to_torch": "windows", "make_loader": "windows", "split_episodes": "windows",
     "Normalizer": "normalize",
 }
 __all__ = list(_EXPORTS)

@@ -120,6 +120,16 @@ def _to_torch(x) -> torch.Tensor:
     return x.float() if x.is_floating_point() and x.dtype != torch.float32 else x
 
 
+def batch_to_torch(batch: dict, device=None) -> dict:
+    """A gathered batch ``{"obs": {key: array}, "action": array}`` as torch tensors (floats as
+    float32, images stay uint8), moved to ``device`` when given."""
+    def conv(x):
+        t = _to_torch(x)
+        return t if device is None else t.to(device, non_blocking=True)
+
+    return {"obs": {k: conv(v) for k, v in batch["obs"].items()}, "action": conv(batch["action"])}
+
+
 class WindowBatch(Sequence):
     """What ``WindowDataset.__getitems__`` returns: the gathered batch in ``.batch``, and also a
     sequence of per-window dicts (made only on access) so that a DataLoader with the default
@@ -164,9 +174,8 @@ class WindowDataset(torch.utils.data.Dataset):
         return len(self.sampler)
 
     def __getitems__(self, indices: Sequence[int]) -> WindowBatch:
-        b = self.sampler.gather(self.arrays, indices, self.obs_keys, self.action_key)
-        return WindowBatch({"obs": {k: _to_torch(v) for k, v in b["obs"].items()},
-                            "action": _to_torch(b["action"])})
+        return WindowBatch(batch_to_torch(
+            self.sampler.gather(self.arrays, indices, self.obs_keys, self.action_key)))
 
     def __getitem__(self, i: int) -> dict:
         return self.__getitems__([i])[0]

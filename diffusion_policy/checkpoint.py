@@ -81,12 +81,24 @@ def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
+_IMPL_FLAGS = ("fused", "foreach", "capturable")
+
+
 def _load_optimizer(optimizer, tensors: dict, meta: dict) -> None:
+    # the implementation (fused on CUDA, foreach on CPU) is the resuming run's, not the saved
+    # one's: a run saved on a GPU may resume on a CPU and the other way round. torch places each
+    # "step" by these flags: on the parameter's device for fused, on the host otherwise (a step on
+    # the GPU would cost a host sync per parameter in the unfused AdamW).
+    groups = [{**saved, **{k: now[k] for k in _IMPL_FLAGS if k in now}}
+              for saved, now in zip(meta["param_groups"], optimizer.param_groups)]
+    on_host = {pid for g in groups if not (g.get("fused") or g.get("capturable")) for pid in g["params"]}
     state: dict = {}
     for key, v in list(tensors.items()) + list(meta["scalars"].items()):
         pid, name = key.split(".", 1)
+        if name == "step" and int(pid) in on_host and torch.is_tensor(v):
+            v = v.cpu()
         state.setdefault(int(pid), {})[name] = v
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def save_training(run_dir, step, policy, ema, optimizer, scheduler, cfg, topk, score=None, k=3) -> list:

@@ -194,6 +194,16 @@ class TrainConfig:
     checkpoint_every: int = 1000
     topk: int = 3
     wandb: bool = False
+    ddp_comm: str = "fp32"
+    """Under torchrun only: dtype of the gradient all-reduce. ``fp32`` (DDP's default) or ``bf16``
+    (CUDA only; DDP's bf16_compress_hook: gradients are cast to bf16, summed and cast back, half
+    the bytes on the wire; the optimizer still sees fp32 gradients)."""
+    ddp_bucket_mb: int = 25
+    """Under torchrun only: DDP's ``bucket_cap_mb``, the size of the gradient buckets that are
+    all-reduced while backward runs (fewer, larger calls vs less overlap with backward)."""
+
+
+DDP_COMMS = ("fp32", "bf16")
 
 
 @dataclass
@@ -305,6 +315,12 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"task.horizon={task.horizon} must be divisible by {factor}: the UNet "
                               f"halves the chunk {len(policy.down_dims) - 1} times "
                               f"(policy.down_dims={list(policy.down_dims)})")
+    if isinstance(cfg, TrainConfig):
+        if cfg.ddp_comm not in DDP_COMMS:
+            raise ConfigError(f"ddp_comm={cfg.ddp_comm!r} is not allowed; expected one of {', '.join(DDP_COMMS)}")
+        if cfg.ddp_bucket_mb < 1:
+            raise ConfigError(f"ddp_bucket_mb={cfg.ddp_bucket_mb} must be a positive number of MiB "
+                              f"(DDP's bucket_cap_mb; default 25)")
     if isinstance(task, TaskConfig):
         try:
             check_horizons(task.horizon, task.n_obs_steps, task.n_action_steps)

@@ -49,6 +49,13 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.copy_(m)
 
 
+def adamw_kwargs(device: torch.device) -> dict:
+    """AdamW's implementation for ``device``: fused on CUDA (one kernel for all parameters),
+    foreach elsewhere (a few multi-tensor kernels). A step of these networks is bound by kernel
+    launches on the host, and the per-parameter loop would be hundreds of them."""
+    return {"fused": True} if device.type == "cuda" else {"foreach": True}
+
+
 def lr_lambda(warmup: int, total: int):
     """Linear warm-up, then cosine decay to zero (the schedule of Chi et al.)."""
     def f(step: int) -> float:
@@ -68,7 +75,7 @@ class Windows:
         self.sampler, self.obs_keys, self.action_key = sampler, obs_keys, action_key
         self.rank, self.world, self.device = rank, world, device
         self.arrays = arrays
-        self.cache, self._perm = None, None
+        self.cache, self._perm, self._perm_device = None, None, None
         if on_device:  # every window materialized once: a batch is one index into device tensors
             full = sampler.gather(arrays, np.arange(len(sampler)), obs_keys, action_key)
             self.cache = batch_to_torch(full, device)
@@ -85,11 +92,16 @@ class Windows:
             perm = rng.permutation(len(self)) if len(self) >= global_batch else \
                 rng.integers(0, len(self), global_batch)  # tiny datasets: draw with replacement
             self._perm = (epoch, perm)
-        idx = self._perm[1][k * global_batch:(k + 1) * global_batch][self.rank::self.world]
+            if self.cache is not None:
+                # copied to the device once per epoch: a blocking host-to-device copy every step
+                # would make the host wait for the previous step to finish on the GPU
+                self._perm_device = torch.as_tensor(perm, device=self.device)
+        window = slice(k * global_batch, (k + 1) * global_batch)
         if self.cache is not None:
-            t = torch.as_tensor(idx, device=self.device)
+            t = self._perm_device[window][self.rank::self.world]
             return {"obs": {key: v[t] for key, v in self.cache["obs"].items()},
                     "action": self.cache["action"][t]}
+        idx = self._perm[1][window][self.rank::self.world]
         out = self.sampler.gather(self.arrays, idx, self.obs_keys, self.action_key)
         return batch_to_torch(out, self.device)
 
@@ -115,6 +127,9 @@ def train(cfg: TrainConfig) -> dict:
         raise ConfigError(f"batch_size={cfg.batch_size} must be a positive multiple of the number of "
                           f"ranks ({world})")
     per_rank = cfg.batch_size // world
+    if world > 1 and cfg.ddp_comm == "bf16" and device.type != "cuda":
+        raise ConfigError(f"ddp_comm=bf16 needs CUDA devices (DDP's bf16_compress_hook runs on NCCL); "
+                          f"this run is on {device.type}: use ddp_comm=fp32")
     is_main = rank == 0
 
     # every rank checks before any collective call, so a bad run_dir fails on all of them at once
@@ -173,7 +188,7 @@ def train(cfg: TrainConfig) -> dict:
     policy.to(device)
     ema = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.ema else None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
-                                  weight_decay=cfg.weight_decay)
+                                  weight_decay=cfg.weight_decay, **adamw_kwargs(device))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.steps))
 
     loss_module = LossModule(policy)
@@ -182,7 +197,11 @@ def train(cfg: TrainConfig) -> dict:
         # all-reduce buckets (no copy in and out)
         loss_module = torch.nn.parallel.DistributedDataParallel(
             loss_module, device_ids=[device.index] if device.type == "cuda" else None,
-            gradient_as_bucket_view=True)
+            gradient_as_bucket_view=True, bucket_cap_mb=cfg.ddp_bucket_mb)
+        if cfg.ddp_comm == "bf16":
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
+
+            loss_module.register_comm_hook(None, bf16_compress_hook)  # None: the default group
         if ema is not None:
             ema.load_state_dict(policy.state_dict())  # the EMA starts from the broadcast weights
     step, topk = 0, []
@@ -206,37 +225,53 @@ def train(cfg: TrainConfig) -> dict:
         n_params = sum(p.numel() for p in policy.parameters())
         print(f"run {run_dir}: {store.n_episodes} episodes ({len(train_ids)} train, {len(val_ids)} val), "
               f"{len(train_windows)} windows, {n_params / 1e6:.2f}M parameters, device {device}, "
-              f"{world} rank(s), global batch {cfg.batch_size}", flush=True)
+              f"{world} rank(s), global batch {cfg.batch_size}"
+              + (f", DDP {cfg.ddp_comm} all-reduce in {cfg.ddp_bucket_mb} MiB buckets" if world > 1 else ""),
+              flush=True)
 
     # ---- the loop
     from tqdm import tqdm
     bar = tqdm(total=cfg.steps, initial=step, disable=not is_main, dynamic_ncols=True, desc="train",
                mininterval=0.5 if sys.stderr.isatty() else 30.0)  # logs get a line every 30 s
     t_last, n_last = time.perf_counter(), step
+    # host seconds since the last log in each phase, for train/{data,fwd_bwd,opt}_ms. No device
+    # synchronisation is added: on CUDA a phase's time is the host's time to enqueue its kernels,
+    # plus any wait for the device inside it. Their sum against train/step_ms (wall time, which
+    # ends in the loss all-reduce that waits for the device) says whether the host is the bound.
+    t_data = t_fwd_bwd = t_opt = 0.0
     train_loss = val_loss = float("nan")
     policy.train()
     while step < cfg.steps:
+        t0 = time.perf_counter()
         batch = train_windows.batch(step, cfg.seed, per_rank)
+        t1 = time.perf_counter()
         with autocast:
             loss = loss_fn(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        t2 = time.perf_counter()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
         optimizer.step()
         scheduler.step()
         step += 1
         if ema is not None:
             ema_update(ema, policy, ema_decay(step, cfg.ema_power, cfg.ema_max_decay))
+        t3 = time.perf_counter()
+        t_data, t_fwd_bwd, t_opt = t_data + (t1 - t0), t_fwd_bwd + (t2 - t1), t_opt + (t3 - t2)
 
         if step % cfg.log_every == 0 or step == cfg.steps:
             train_loss = _mean_across_ranks(loss.detach(), world)
             now = time.perf_counter()
-            sps = (step - n_last) * cfg.batch_size / (now - t_last)
+            n = step - n_last
+            sps = n * cfg.batch_size / (now - t_last)
+            timing = {"train/step_ms": 1e3 * (now - t_last) / n, "train/data_ms": 1e3 * t_data / n,
+                      "train/fwd_bwd_ms": 1e3 * t_fwd_bwd / n, "train/opt_ms": 1e3 * t_opt / n}
             t_last, n_last = now, step
+            t_data = t_fwd_bwd = t_opt = 0.0
             if is_main:
                 lr = scheduler.get_last_lr()[0]
                 logger.log(step, {"train/loss": train_loss, "train/lr": lr, "train/grad_norm": float(grad_norm),
-                                  "train/samples_per_s": sps})
+                                  "train/samples_per_s": sps, **timing})
                 bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.1e}", sps=f"{sps:.0f}")
         bar.update(1)
 

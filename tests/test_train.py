@@ -1,5 +1,6 @@
 """dp-train end to end with tiny budgets: the real entry point, resume that joins the
 uninterrupted curve, checkpoints that survive SIGKILL, and config errors that name the key."""
+import copy
 import json
 import os
 import signal
@@ -10,12 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 
 from diffusion_policy import checkpoint as ckpt
 from diffusion_policy.config import ConfigError, compose
 from diffusion_policy.data.store import EpisodeStore
-from diffusion_policy.train import ema_decay, lr_lambda, main, train
+from diffusion_policy.train import adamw_kwargs, ema_decay, lr_lambda, main, train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["policy=unet_small", "policy.down_dims=[16,32]", "policy.time_embed_dim=16",
@@ -61,6 +63,9 @@ def test_train_writes_run_and_checkpoint_loads(store, tmp_path):
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines if "train/loss" in l] == list(range(1, 11))
     assert any("val/loss" in l for l in lines)
+    for l in (l for l in lines if "train/loss" in l):  # host phases lie inside the wall time
+        phases = [l[f"train/{k}_ms"] for k in ("data", "fwd_bwd", "opt")]
+        assert min(phases) >= 0 and sum(phases) <= l["train/step_ms"] * (1 + 1e-6)
     assert list((run / "tb").iterdir()), "no TensorBoard event file"
     assert ckpt.read_latest(run) == "step_0000010"
     policy = ckpt.load_policy(run)  # one call, no training config tree
@@ -111,6 +116,43 @@ def _train_until(cfg, stop: int) -> None:
         T.ckpt.save_training = real
 
 
+def test_optimizer_state_moves_between_fused_and_foreach():
+    """CUDA runs use fused AdamW, CPU runs foreach: a checkpoint of either resumes into the
+    other with the same moments and step count, keeping the resuming run's implementation."""
+    assert adamw_kwargs(torch.device("cuda", 0)) == {"fused": True}
+    assert adamw_kwargs(torch.device("cpu")) == {"foreach": True}
+
+    def trained(**impl):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=1e-2, **impl)
+        x = torch.randn(16, 4)
+        for _ in range(3):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+        return net, opt, x
+
+    for saved_impl, resumed_impl in [({"fused": True}, {"foreach": True}), ({"foreach": True}, {"fused": True})]:
+        net_a, a, x = trained(**saved_impl)
+        tensors, meta = ckpt._optimizer_tensors(a)
+        tensors = safetensors.torch.load(safetensors.torch.save(tensors))  # as the files hold them
+        meta = json.loads(json.dumps(meta))
+        net_b = copy.deepcopy(net_a)
+        b = torch.optim.AdamW(net_b.parameters(), lr=1.0, **resumed_impl)
+        ckpt._load_optimizer(b, tensors, meta)
+        group = b.param_groups[0]
+        assert group["lr"] == 1e-2 and bool(group["fused"]) == ("fused" in resumed_impl)
+        assert bool(group["foreach"]) == ("foreach" in resumed_impl)
+        assert all(float(b.state[p]["step"]) == 3 for p in net_b.parameters())
+        for net, opt in ((net_a, a), (net_b, b)):  # one more step: the same update either way
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+        for pa, pb in zip(net_a.parameters(), net_b.parameters()):
+            torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-6)
+
+
 def test_sigkill_never_leaves_latest_unloadable(store, tmp_path):
     run = tmp_path / "killed"
     args = [sys.executable, "-m", "diffusion_policy.train", *TINY, f"data={store}", f"run_dir={run}",
@@ -131,7 +173,7 @@ def test_sigkill_never_leaves_latest_unloadable(store, tmp_path):
         ckpt.load_policy(run)
 
 
-def test_config_errors_name_the_key(store, tmp_path, capsys):
+def test_config_errors_name_the_key(store, tmp_path, capsys, monkeypatch):
     with pytest.raises(ConfigError, match="method.scheduler"):
         compose("train", ["method.scheduler=ddpn"])
     with pytest.raises(ConfigError, match="ddim|flow"):  # hydra lists the group's options
@@ -147,6 +189,14 @@ def test_config_errors_name_the_key(store, tmp_path, capsys):
             compose("train", bad)
     assert main(["batch_size=0", f"data={store}", f"run_dir={tmp_path / 'b0'}"]) == 2
     assert "batch_size=0" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="ddp_comm='fp16'.*fp32, bf16"):
+        compose("train", ["ddp_comm=fp16"])
+    with pytest.raises(ConfigError, match="ddp_bucket_mb=0"):
+        compose("train", ["ddp_bucket_mb=0"])
+    with monkeypatch.context() as m:  # checked before the process group would start
+        m.setenv("WORLD_SIZE", "2")
+        with pytest.raises(ConfigError, match="ddp_comm=bf16 needs CUDA"):
+            train(compose("train", TINY + [f"data={store}", f"run_dir={tmp_path / 'bf'}", "ddp_comm=bf16"]))
     assert main(["method.integrator=rk4"]) == 2
     assert "method.integrator" in capsys.readouterr().err
     assert main([f"data={tmp_path / 'missing.zarr'}", f"run_dir={tmp_path / 'r'}", "device=cpu"]) == 2
@@ -212,9 +262,10 @@ def test_torchrun_two_ranks_on_cpu(store, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                         "--nproc_per_node=2", "-m", "diffusion_policy.train", *TINY, f"data={store}",
-                        f"run_dir={run}", "steps=4"], capture_output=True, text=True, env=env, timeout=300)
+                        f"run_dir={run}", "steps=4", "ddp_bucket_mb=1"], capture_output=True, text=True, env=env,
+                       timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "2 rank(s), global batch 16" in r.stdout
+    assert "2 rank(s), global batch 16, DDP fp32 all-reduce in 1 MiB buckets" in r.stdout
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines if "train/loss" in l] == [1, 2, 3, 4]  # one writer
     assert ckpt.read_latest(run) == "step_0000004"

@@ -6,34 +6,35 @@ observation, To=2, H=16, 2-dim action), with random weights (latency does not de
 
 Samplers: DDIM with 10 steps, flow matching (Euler) with 10 steps and with 1 step. Each timed call
 is a whole ``predict``: normalize the observation window, encode it, run the sampling loop,
-unnormalize the chunk (the body of :meth:`Policy.predict`, with the network swappable).
+unnormalize the chunk.
 
-Modes (``--modes``; on CPU only ``eager`` and ``compile`` apply):
-- ``eager``: plain PyTorch.
-- ``compile``: the network through ``torch.compile`` (inductor, default mode); the loop stays in
-  Python.
-- ``graph``: the whole sampling loop (and the normalizer and encoder) captured once in a CUDA graph
-  (``torch.cuda.graph``) with static input and output buffers; a call copies the observation in,
-  replays the graph and reads the chunk out. Valid because the loop has a fixed shape and
-  schedule, does no host-device synchronisation and makes no host-to-device copies (the methods
-  cache their time grids on the device), and the graph advances the CUDA RNG on every replay.
-- ``compile+graph``: the compiled network inside the captured loop.
-On CUDA every mode runs in fp32 and in bf16 (a bf16 copy of the weights, autocast around the
-network so that GroupNorm runs in fp32; the sampler state stays fp32). Each row: median and p99 over ``--calls`` timed calls after ``--warmup`` calls, the device
-synchronised around every call. A mode that fails is recorded with its error and the rest run on.
+Modes (``--modes``; on CPU only ``direct``, ``eager`` and ``compile`` apply):
+- ``direct``: ``Policy.predict`` with the UNet's ``forward`` at every step (direct convolutions,
+  FiLM recomputed per step): the path before the network had a sampling path.
+- ``eager``: ``Policy.predict`` as it is (the UNet's sampling path: FiLM tables once per chunk,
+  convolutions as matrix products over ``(B, L, C)`` activations).
+- ``compile``: :class:`FastPredictor` with ``torch.compile`` of the per-step trunk; no graph.
+- ``graph``: :class:`FastPredictor` without compile, the whole ``predict`` captured in one CUDA
+  graph per shape (static inputs; a call copies the observation and noise in and replays).
+- ``compile+graph``: both (what a robot's control loop should use on a GPU).
+- ``autotune+graph``: as ``compile+graph`` with inductor's ``max-autotune-no-cudagraphs`` mode
+  (benchmarks candidate matrix-product kernels while compiling).
+On CUDA every mode runs in fp32 and in bf16 (a bf16 copy of the denoiser; GroupNorm statistics
+and the sampler's state stay float32). Each row: median and p99 over ``--calls`` timed calls after
+``--warmup`` calls, the device synchronised around every call. ``--batch`` takes several sizes
+(e.g. ``1 50``: a robot, and an evaluation batch). A mode that fails is recorded with its error
+and the rest run on.
 Writes a JSON file (``--out``) and prints a markdown table.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
 import tempfile
 import time
 import traceback
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,7 @@ import torch
 
 from diffusion_policy.config import MethodConfig, PolicyConfig, TaskConfig
 from diffusion_policy.data.normalize import Normalizer
+from diffusion_policy.inference import FastPredictor
 from diffusion_policy.methods import build_method
 from diffusion_policy.policy import Policy
 
@@ -69,22 +71,6 @@ def build_policy(preset: str, method_cfg: MethodConfig, device: torch.device) ->
     return Policy.build(task, PRESETS[preset], method_cfg, normalizer, SHAPES, DA).to(device).eval()
 
 
-def chunk_fn(policy: Policy, net, num_steps: int, dtype: torch.dtype | None):
-    """``obs -> (1, H, Da)`` raw chunk: Policy.predict's body with ``net`` in place of policy.net."""
-    device = policy.device
-    amp = (torch.autocast(device.type, dtype=dtype, cache_enabled=False) if dtype is not None
-           else nullcontext())
-
-    @torch.no_grad()
-    def fn(obs):
-        cond = policy.encode(obs)
-        with amp:  # autocast reaches the network's ops; the sampler's own arithmetic is fp32
-            x = policy.method.sample(net, cond, (cond.shape[0], H, DA), num_steps=num_steps)
-        return policy.normalizer.unnormalize(policy.action_key, x.float())
-
-    return fn
-
-
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -98,29 +84,6 @@ def cpu_model() -> str:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def capture(fn, obs: dict, device: torch.device, warmup: int):
-    """Capture ``fn(static_obs)`` in a CUDA graph; returns ``run(obs) -> chunk``."""
-    static_obs = {k: v.clone() for k, v in obs.items()}
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graph requires
-        for _ in range(max(3, warmup // 10)):
-            fn(static_obs)
-    torch.cuda.current_stream(device).wait_stream(side)
-    sync(device)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = fn(static_obs)
-
-    def run(new_obs):
-        for k, v in new_obs.items():
-            static_obs[k].copy_(v, non_blocking=True)
-        graph.replay()
-        return static_out
-
-    return run
 
 
 def time_calls(run, obs, device, warmup: int, calls: int) -> tuple[list[float], torch.Tensor]:
@@ -137,40 +100,45 @@ def time_calls(run, obs, device, warmup: int, calls: int) -> tuple[list[float], 
     return times, out
 
 
-def get_net(nets: dict, compiled: bool, dtype_name: str):
-    """The network for a row, built once and shared by the rows that need it: fp32 or a bf16
-    copy (bf16 weights, so autocast has no weight casts to redo on every call), eager or through
-    ``torch.compile`` (one compiled module per precision, reused by every sampler)."""
-    key = (compiled, dtype_name)
-    if key not in nets:
-        if compiled:
-            nets[key] = torch.compile(get_net(nets, False, dtype_name), dynamic=False)
-        elif dtype_name == "bf16":
-            nets[key] = copy.deepcopy(nets[(False, "fp32")]).to(torch.bfloat16)
+def get_predictor(policy, cache: dict, mode: str, dtype_name: str):
+    """The predictor for a row: ``Policy.predict`` itself (``eager``), with the UNet's direct
+    per-step ``forward`` (``direct``, the path before the sampling path existed), or a
+    :class:`FastPredictor` (compile and/or CUDA graph), built once per (mode, precision) and
+    shared by the samplers (a compiled trunk is reused; graphs are captured per sampler)."""
+    key = (mode, dtype_name)
+    if key not in cache:
+        if mode in ("eager", "direct") and dtype_name == "fp32":
+            cache[key] = policy
         else:
-            raise KeyError(key)
-    return nets[key]
+            compiled = ("max-autotune-no-cudagraphs" if "autotune" in mode else "compile" in mode)
+            cache[key] = FastPredictor(policy, dtype=dtype_name, compile=compiled, cuda_graph="graph" in mode)
+    pred = cache[key]
+    if isinstance(pred, FastPredictor):
+        pred.reset()  # the sampler changed: capture again
+    policy.net.sampling_layout = "direct" if mode == "direct" else "auto"
+    if isinstance(pred, FastPredictor) and pred.net is not policy.net:
+        pred.net.sampling_layout = policy.net.sampling_layout
+    return pred
 
 
-def bench_one(policy, nets: dict, sampler: str, mode: str, dtype_name: str, obs, args) -> dict:
+def bench_one(policy, cache: dict, sampler: str, mode: str, dtype_name: str, obs, args) -> dict:
     device = policy.device
     method_cfg, steps = SAMPLERS[sampler]
     policy.method = build_method(method_cfg)  # the methods are plain objects: swap, keep the net
-    dtype = {"fp32": None, "bf16": torch.bfloat16}[dtype_name]
-    row = {"sampler": sampler, "steps": steps, "mode": mode, "dtype": dtype_name}
+    row = {"sampler": sampler, "steps": steps, "mode": mode, "dtype": dtype_name,
+           "batch": next(iter(obs.values())).shape[0]}
     try:
         t0 = time.perf_counter()
-        net = get_net(nets, "compile" in mode, dtype_name)
-        fn = chunk_fn(policy, net, steps, dtype)
-        if "graph" in mode:
-            run = capture(fn, obs, device, args.warmup)
-        else:
-            run = fn
-        run(obs)  # compiles on the first call
+        pred = get_predictor(policy, cache, mode, dtype_name)
+
+        def run(o):
+            return pred.predict(o, num_steps=steps)
+
+        run(obs)  # compiles and captures on the first call
         sync(device)
         row["setup_s"] = round(time.perf_counter() - t0, 2)
         times, out = time_calls(run, obs, device, args.warmup, args.calls)
-        if out.shape != (1, H, DA) or not torch.isfinite(out).all():
+        if out.shape != (row["batch"], H, DA) or not torch.isfinite(out).all():
             raise RuntimeError(f"bad output: shape {tuple(out.shape)}, "
                                f"finite {bool(torch.isfinite(out).all())}")
         row.update(median_ms=float(np.median(times)), p99_ms=float(np.percentile(times, 99)),
@@ -188,8 +156,9 @@ def main() -> None:
     p.add_argument("--preset", choices=list(PRESETS), default="default")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (CPU runs)")
     p.add_argument("--samplers", nargs="+", choices=list(SAMPLERS), default=list(SAMPLERS))
-    p.add_argument("--modes", nargs="+", default=None, choices=["eager", "compile", "graph", "compile+graph"],
-                   help="eager compile graph compile+graph (default: eager on CPU, all on CUDA)")
+    p.add_argument("--modes", nargs="+", default=None, choices=["direct", "eager", "compile", "graph", "compile+graph", "autotune+graph"],
+                   help="direct eager compile graph compile+graph (default: direct and eager on CPU, all on CUDA)")
+    p.add_argument("--batch", nargs="+", type=int, default=[1], help="batch sizes (chunks per call)")
     p.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=None,
                    help="default: fp32 on CPU, fp32 and bf16 on CUDA")
     p.add_argument("--calls", type=int, default=200)
@@ -197,6 +166,9 @@ def main() -> None:
     p.add_argument("--out", default=None,
                    help="JSON path (default: $OUT, else the temp folder, /sampling_<device>_<preset>.json)")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failing modes")
+    p.add_argument("--profile", nargs="*", default=None, metavar="MODE",
+                   help="after the table, profile 5 batch-1 DDIM-10 calls of each named mode (fp32 and "
+                        "bf16) and print the 15 costliest device kernels (where the time goes)")
     args = p.parse_args()
 
     device = torch.device(args.device)
@@ -204,12 +176,12 @@ def main() -> None:
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda but CUDA is not available")
         torch.backends.cudnn.benchmark = True
-        modes = args.modes or ["eager", "compile", "graph", "compile+graph"]
+        modes = args.modes or ["direct", "eager", "compile", "graph", "compile+graph"]
         dtypes = args.dtypes or ["fp32", "bf16"]
         machine = torch.cuda.get_device_name(device)
     else:
         torch.set_num_threads(args.threads)
-        modes = args.modes or ["eager"]
+        modes = args.modes or ["direct", "eager"]
         dtypes = args.dtypes or ["fp32"]
         bad = [m for m in modes if "graph" in m]
         if bad:
@@ -218,22 +190,23 @@ def main() -> None:
 
     rows = []
     policy = build_policy(args.preset, SAMPLERS[args.samplers[0]][0], device)
-    nets = {(False, "fp32"): policy.net}
+    cache: dict = {}
     gen = torch.Generator().manual_seed(0)
-    obs = {k: (torch.rand(1, TO, *s, generator=gen) * 512).to(device) for k, s in SHAPES.items()}
-    for mode in modes:
-        for dtype_name in dtypes:
-            for sampler in args.samplers:
-                row = bench_one(policy, nets, sampler, mode, dtype_name, obs, args)
-                rows.append(row)
-                status = row.get("error") or f"median {row['median_ms']:.3f} ms, p99 {row['p99_ms']:.3f} ms"
-                print(f"{sampler:8s} {mode:14s} {dtype_name}: {status} (setup {row.get('setup_s')} s)",
-                      flush=True)
+    for batch in args.batch:
+        obs = {k: (torch.rand(batch, TO, *s, generator=gen) * 512).to(device) for k, s in SHAPES.items()}
+        for mode in modes:
+            for dtype_name in dtypes:
+                for sampler in args.samplers:
+                    row = bench_one(policy, cache, sampler, mode, dtype_name, obs, args)
+                    rows.append(row)
+                    status = row.get("error") or f"median {row['median_ms']:.3f} ms, p99 {row['p99_ms']:.3f} ms"
+                    print(f"B={batch} {sampler:8s} {mode:14s} {dtype_name}: {status} (setup {row.get('setup_s')} s)",
+                          flush=True)
     n_params = sum(p.numel() for p in policy.parameters())
     result = {
         "device": machine, "device_type": device.type, "preset": args.preset,
         "down_dims": list(PRESETS[args.preset].down_dims), "parameters": n_params,
-        "torch": torch.__version__, "python": platform.python_version(), "batch": 1, "horizon": H,
+        "torch": torch.__version__, "python": platform.python_version(), "horizon": H,
         "calls": args.calls, "warmup": args.warmup, "rows": rows,
     }
     folder = os.environ.get("OUT") or tempfile.gettempdir()
@@ -241,18 +214,41 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
 
-    print(f"\n{machine}; preset {args.preset} ({n_params / 1e6:.2f}M parameters), batch 1, "
+    print(f"\n{machine}; preset {args.preset} ({n_params / 1e6:.2f}M parameters), "
           f"torch {torch.__version__}; {args.calls} calls after {args.warmup} warm-up\n")
-    print("| sampler | steps | mode | dtype | median ms | p99 ms |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| batch | sampler | steps | mode | dtype | median ms | p99 ms |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         if "error" in r:
-            print(f"| {r['sampler']} | {r['steps']} | {r['mode']} | {r['dtype']} | "
+            print(f"| {r['batch']} | {r['sampler']} | {r['steps']} | {r['mode']} | {r['dtype']} | "
                   f"failed: {r['error'][:80]} | |")
         else:
-            print(f"| {r['sampler']} | {r['steps']} | {r['mode']} | {r['dtype']} | {r['median_ms']:.3f} | "
+            print(f"| {r['batch']} | {r['sampler']} | {r['steps']} | {r['mode']} | {r['dtype']} | {r['median_ms']:.3f} | "
                   f"{r['p99_ms']:.3f} |")
     print(f"\nwrote {out}")
+    for mode in args.profile or []:
+        for dtype_name in dtypes:
+            profile(policy, cache, mode, dtype_name, args, device)
+
+
+def profile(policy, cache, mode: str, dtype_name: str, args, device) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    policy.method = build_method(SAMPLERS["ddim-10"][0])
+    pred = get_predictor(policy, cache, mode, dtype_name)
+    obs = {k: (torch.rand(1, TO, *s) * 512).to(device) for k, s in SHAPES.items()}
+    for _ in range(3):
+        pred.predict(obs, num_steps=10)
+    sync(device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=acts) as prof:
+        for _ in range(5):
+            pred.predict(obs, num_steps=10)
+        sync(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\nprofile: {mode} {dtype_name}, 5 DDIM-10 calls at batch 1")
+    print(prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=70))
 
 
 if __name__ == "__main__":

@@ -105,7 +105,8 @@ class Policy(nn.Module):
     # ------------------------------------------------------------------------------- inference
     @torch.no_grad()
     def predict(self, obs: dict[str, torch.Tensor], num_steps: int | None = None,
-                generator: torch.Generator | list | None = None, prefix: torch.Tensor | None = None) -> torch.Tensor:
+                generator: torch.Generator | list | None = None, prefix: torch.Tensor | None = None,
+                noise: torch.Tensor | None = None) -> torch.Tensor:
         """Sample ``(B, H, Da)`` action chunks in raw units for a batch of observation windows.
 
         ``obs``: ``{key: (B, To, ...)}`` raw units (images uint8 ``(H, W, 3)``) on any device.
@@ -114,15 +115,24 @@ class Policy(nn.Module):
         reproducible samples (row ``b`` then depends on ``generator[b]`` only).
         ``prefix``: ``(B, P, Da)`` raw actions the chunk must start with (inpainted), e.g. the part
         of the previous chunk still to be executed while this one is computed (real-time chunking).
+        ``noise``: ``(B, H, Da)`` starting chunk of the sampler (normalized units; default: drawn
+        from ``generator``).
         Call ``eval()`` first: in training mode images are randomly cropped.
+        For a robot's control loop, :class:`diffusion_policy.inference.FastPredictor` runs the same
+        function compiled, in bf16 and replayed from a CUDA graph.
         """
+        return self.sample_with(self.net, obs, num_steps, generator, prefix, noise)
+
+    def sample_with(self, net, obs, num_steps=None, generator=None, prefix=None, noise=None) -> torch.Tensor:
+        """:meth:`predict`'s body with ``net`` as the denoiser (the policy's own, or an inference
+        copy of it: compiled, in bf16)."""
         cond = self.encode(obs)
         B = cond.shape[0]
         nprefix = None
         if prefix is not None:
             nprefix = self.normalizer.normalize(self.action_key, torch.as_tensor(prefix).to(cond.device))
-        x = self.method.sample(self.net, cond, (B, self.horizon, self.action_dim), num_steps=num_steps,
-                               generator=generator, prefix=nprefix)
+        x = self.method.sample(net, cond, (B, self.horizon, self.action_dim), num_steps=num_steps,
+                               generator=generator, prefix=nprefix, noise=noise)
         return self.normalizer.unnormalize(self.action_key, x)
 
     # ------------------------------------------------------------------------------- saving

@@ -130,15 +130,14 @@ class DiffusionMethod:
 
     @torch.no_grad()
     def sample(self, net, cond: torch.Tensor, shape: tuple[int, int, int], num_steps: int | None = None,
-               generator: torch.Generator | list | None = None, prefix: torch.Tensor | None = None) -> torch.Tensor:
-        """Draw ``(B, H, Da)`` chunks; ``prefix (B, P, Da)`` = known leading actions (inpainted)."""
+               generator: torch.Generator | list | None = None, prefix: torch.Tensor | None = None,
+               noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Draw ``(B, H, Da)`` chunks; ``prefix (B, P, Da)`` = known leading actions (inpainted);
+        ``noise``: the starting chunk ``x_T`` (default: drawn from ``generator``)."""
         n = self.num_inference_steps if num_steps is None else int(num_steps)
         self._check_steps(n)
-        B = shape[0]
         device = cond.device
-        # randn_tensor takes one generator or a list of one per row: row b's noise then depends on
-        # generator[b] alone, so a batch of episodes samples what each would sample on its own
-        x = randn_tensor(tuple(shape), generator=generator, device=device, dtype=torch.float32)
+        x = initial_noise(shape, generator, device, noise)
         P = check_prefix(prefix, shape)
         noise_prefix = x[:, :P].clone() if P else None
         # a copy per call: set_timesteps and DPM-Solver's history of model outputs are state, and
@@ -146,16 +145,42 @@ class DiffusionMethod:
         sched = copy.copy(self.scheduler)
         sched.set_timesteps(n)  # timesteps stay on the CPU: step() indexes CPU tables with them
         t_dev = self._device_timesteps(sched.timesteps, device)
+        f = denoiser(net, cond, t_dev, shape[1])
         for i, k in enumerate(sched.timesteps):
             if P:
                 a = float(self.alphas_cumprod[int(k)])
                 known = a**0.5 * prefix + (1.0 - a) ** 0.5 * noise_prefix  # q(x_k | prefix), eq. 4
                 x = torch.cat([known.to(x.dtype), x[:, P:]], dim=1)
-            out = net(x, t_dev[i].expand(B), cond).to(x.dtype)
+            out = f(x, i).to(x.dtype)
             x = sched.step(out, k, x, generator=generator).prev_sample
         if P:
             x = torch.cat([prefix.to(x.dtype), x[:, P:]], dim=1)
         return x
+
+
+def initial_noise(shape: tuple[int, int, int], generator, device: torch.device,
+                  noise: torch.Tensor | None = None) -> torch.Tensor:
+    """The sampler's starting chunk: ``noise`` when given (checked, as float32 on ``device``),
+    else ``N(0, I)`` from ``generator``. randn_tensor takes one generator or a list of one per
+    row: row b's noise then depends on generator[b] alone, so a batch of episodes samples what
+    each would sample on its own."""
+    if noise is None:
+        return randn_tensor(tuple(shape), generator=generator, device=device, dtype=torch.float32)
+    if tuple(noise.shape) != tuple(shape):
+        raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")
+    return noise.to(device=device, dtype=torch.float32)
+
+
+def denoiser(net, cond: torch.Tensor, times: list[torch.Tensor], horizon: int | None = None):
+    """The network as ``f(x, i) = net(x, times[i], cond)`` for a sampling loop whose network times
+    are ``times`` (one ``(1,)`` device tensor each) and whose condition is fixed. A network with
+    ``prepare_sampling(cond, times (S,))`` (the UNet) precomputes what depends on the condition
+    and the times alone; any other is called as is."""
+    prepare = getattr(net, "prepare_sampling", None)
+    if prepare is not None:
+        return prepare(cond, torch.cat(times), horizon)
+    B = cond.shape[0]
+    return lambda x, i: net(x, times[i].expand(B), cond)
 
 
 def check_prefix(prefix: torch.Tensor | None, shape: tuple[int, int, int]) -> int:

@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers.utils.torch_utils import randn_tensor
 
-from diffusion_policy.methods.diffusion import check_prefix
+from diffusion_policy.methods.diffusion import check_prefix, denoiser, initial_noise
 
 TIME_DISTS = ("uniform", "logit_normal", "beta")
 INTEGRATORS = ("euler", "midpoint", "heun")
@@ -81,19 +80,17 @@ class FlowMatching:
 
     @torch.no_grad()
     def sample(self, net, cond: torch.Tensor, shape: tuple[int, int, int], num_steps: int | None = None,
-               generator: torch.Generator | list | None = None, prefix: torch.Tensor | None = None) -> torch.Tensor:
-        """Integrate from noise (t = 1) to actions (t = 0) in ``num_steps`` steps."""
+               generator: torch.Generator | list | None = None, prefix: torch.Tensor | None = None,
+               noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Integrate from noise (t = 1) to actions (t = 0) in ``num_steps`` steps; ``noise``: the
+        starting chunk (default: drawn from ``generator``)."""
         n = self.num_inference_steps if num_steps is None else int(num_steps)
         if n < 1:
             raise ValueError(f"num_steps must be >= 1, got {n}")
-        B = shape[0]
-        device = cond.device
-        # randn_tensor takes one generator or a list of one per row: row b's noise then depends on
-        # generator[b] alone, so a batch of episodes samples what each would sample on its own
-        x = randn_tensor(tuple(shape), generator=generator, device=device, dtype=torch.float32)
+        x = initial_noise(shape, generator, cond.device, noise)
         P = check_prefix(prefix, shape)
         eps_prefix = x[:, :P].clone() if P else None
-        grid = self._grid(n, device)
+        f = denoiser(net, cond, self._grid(n, cond.device), shape[1])
         h = -1.0 / n  # dt: time runs from 1 down to 0
 
         def velocity(x: torch.Tensor, j: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +100,7 @@ class FlowMatching:
                 t = 1.0 - j / (2 * n)
                 known = t * eps_prefix + (1.0 - t) * prefix
                 x = torch.cat([known.to(x.dtype), x[:, P:]], dim=1)
-            return net(x, grid[j].expand(B), cond).to(x.dtype), x
+            return f(x, j).to(x.dtype), x
 
         for i in range(n):
             j = 2 * i  # grid index of the current time

@@ -25,9 +25,10 @@ class Regression:
 
     @torch.no_grad()
     def sample(self, net, cond: torch.Tensor, shape: tuple[int, int, int], num_steps: int | None = None,
-               generator: torch.Generator | None = None, prefix: torch.Tensor | None = None) -> torch.Tensor:
-        """Deterministic: ``num_steps`` and ``generator`` are accepted for a uniform interface and
-        unused. A ``prefix`` overwrites the leading actions."""
+               generator: torch.Generator | None = None, prefix: torch.Tensor | None = None,
+               noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Deterministic: ``num_steps``, ``generator`` and ``noise`` are accepted for a uniform
+        interface and unused. A ``prefix`` overwrites the leading actions."""
         B = shape[0]
         x = torch.zeros(tuple(shape), device=cond.device)
         out = net(x, torch.zeros(B, device=cond.device), cond).float()

@@ -1,0 +1,192 @@
+"""The UNet's sampling path and FastPredictor compute the same function as the plain forward and
+Policy.predict (on random weights and inputs, every sampler), and FastPredictor is a drop-in for
+the controller."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from diffusion_policy.config import MethodConfig, PolicyConfig, TaskConfig
+from diffusion_policy.control import RecedingHorizonController
+from diffusion_policy.data.normalize import Normalizer
+from diffusion_policy.inference import FastPredictor
+from diffusion_policy.nets.unet1d import (ConditionalUnet1D, conv_tokens, upsample_tokens,
+                                          upsample_weight)
+from diffusion_policy.policy import Policy
+
+H, TO, TA, DA = 16, 2, 8, 2
+SHAPES = {"state": (5,)}
+
+
+def perturbed(module: nn.Module, scale: float = 0.05, seed: int = 0) -> nn.Module:
+    """Random weights everywhere (GroupNorm affine and biases too): nothing trivial left."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return module.eval()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def test_conv_tokens_matches_conv1d_same_and_strided():
+    torch.manual_seed(0)
+    x = torch.randn(3, 17, 12)  # (B, C, L)
+    for conv in (nn.Conv1d(17, 24, 5, padding=2), nn.Conv1d(17, 17, 3, stride=2, padding=1),
+                 nn.Conv1d(17, 9, 1)):
+        ref = conv(x).transpose(1, 2)
+        out = conv_tokens(x.transpose(1, 2), conv)
+        assert out.shape == ref.shape and rel(out, ref) < 1e-6
+
+
+def test_upsample_tokens_matches_conv_transpose():
+    torch.manual_seed(0)
+    up = nn.ConvTranspose1d(16, 8, 4, stride=2, padding=1)
+    x = torch.randn(2, 16, 6)
+    ref = up(x).transpose(1, 2)  # (B, 12, 8)
+    out = upsample_tokens(x.transpose(1, 2), upsample_weight(up), up.bias)
+    assert out.shape == ref.shape and rel(out, ref) < 1e-6
+    with pytest.raises(ValueError, match="kernel 4, stride 2"):
+        upsample_weight(nn.ConvTranspose1d(4, 4, 3, stride=2, padding=1))
+
+
+@pytest.mark.parametrize("down_dims,B,horizon", [([32, 64, 128], 1, 16), ([32, 64], 3, 8), ([32], 2, 4)])
+def test_sampling_path_equals_forward(down_dims, B, horizon):
+    net = perturbed(ConditionalUnet1D(DA, 2 * 7, down_dims, 5, 8, 32))
+    net.sampling_layout = "tokens"
+    cond = torch.randn(B, 2, 7)
+    times = torch.tensor([99.0, 41.0, 0.0])
+    f = net.prepare_sampling(cond, times, horizon)
+    with torch.no_grad():
+        for i in range(3):
+            x = torch.randn(B, horizon, DA)
+            assert rel(f(x, i), net(x, times[i].expand(B), cond)) < 1e-5
+
+
+def test_sampling_path_bf16_is_close_and_checks_inputs():
+    net = perturbed(ConditionalUnet1D(DA, 14, [32, 64], 5, 8, 32))
+    cond, x, times = torch.randn(2, 2, 7), torch.randn(2, 8, DA), torch.tensor([50.0])
+    with torch.no_grad():
+        ref = net(x, times.expand(2), cond)
+        out = net.to(torch.bfloat16).prepare_sampling(cond, times)(x, 0)
+    assert out.dtype == torch.float32 and rel(out, ref) < 3e-2
+    with pytest.raises(ValueError, match="cond flattens to 10 features, expected 14"):
+        net.prepare_sampling(torch.randn(2, 2, 5), times)
+    with pytest.raises(ValueError, match="batch 3"):
+        net.prepare_sampling(cond, times)(torch.randn(3, 8, DA), 0)
+    net.sampling_layout = "fast"
+    with pytest.raises(ValueError, match="sampling_layout must be one of"):
+        net.prepare_sampling(cond, times)
+
+
+def make_policy(method_cfg: MethodConfig, policy_cfg: PolicyConfig | None = None) -> Policy:
+    torch.manual_seed(0)
+    task = TaskConfig(name="toy", env_id="none", obs_keys=list(SHAPES), horizon=H, n_obs_steps=TO,
+                      n_action_steps=TA)
+    rng = np.random.default_rng(0)
+    arrays = {"state": rng.uniform(-3, 3, (200, 5)), "action": rng.uniform(-1, 2, (200, DA))}
+    normalizer = Normalizer.fit(arrays, {k: "minmax" for k in arrays})
+    policy_cfg = policy_cfg or PolicyConfig(name="unet", down_dims=[32, 64, 128], time_embed_dim=32)
+    policy = Policy.build(task, policy_cfg, method_cfg, normalizer, SHAPES, DA)
+    return perturbed(policy)
+
+
+def obs_batch(B: int, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"state": torch.rand(B, TO, 5, generator=g) * 6 - 3}
+
+
+def gens(B: int, seed: int = 7) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(seed + b) for b in range(B)]
+
+
+METHODS = {
+    "ddim": MethodConfig(name="diffusion", scheduler="ddim", num_inference_steps=5),
+    "ddpm": MethodConfig(name="diffusion", scheduler="ddpm", num_inference_steps=8),
+    "dpmsolver": MethodConfig(name="diffusion", scheduler="dpmsolver", clip_sample=False, num_inference_steps=4),
+    "flow_heun": MethodConfig(name="flow", integrator="heun", num_inference_steps=3),
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_predict_same_chunk_with_either_layout(method):
+    """Policy.predict through the sampling path equals the per-step forward, prefix included."""
+    policy = make_policy(METHODS[method])
+    obs, prefix = obs_batch(2), torch.rand(2, 3, DA)
+    out = {}
+    for layout in ("direct", "tokens"):
+        policy.net.sampling_layout = layout
+        out[layout] = policy.predict(obs, generator=gens(2), prefix=prefix)
+    assert rel(out["tokens"], out["direct"]) < 1e-4
+    assert torch.allclose(out["tokens"][:, :3], prefix, atol=1e-5)
+
+
+def test_noise_argument_replaces_the_draw():
+    policy = make_policy(METHODS["ddim"])
+    obs = obs_batch(2)
+    noise = torch.randn(2, H, DA, generator=torch.Generator().manual_seed(3))
+    a = policy.predict(obs, noise=noise)
+    b = policy.predict(obs, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(a, b, atol=1e-6)
+    with pytest.raises(ValueError, match=r"noise has shape \(2, 4, 2\), expected \(2, 16, 2\)"):
+        policy.predict(obs, noise=torch.randn(2, 4, DA))
+
+
+@pytest.mark.parametrize("method", ["ddim", "ddpm", "flow_heun"])
+def test_fast_predictor_fp32_equals_predict(method):
+    policy = make_policy(METHODS[method])
+    fast = FastPredictor(policy, dtype="fp32")
+    assert fast.net is policy.net and not fast.cuda_graph  # CPU: no graph, no copy
+    obs = obs_batch(3)
+    ref = policy.predict(obs, generator=gens(3))
+    out = fast.predict(obs, generator=gens(3))
+    assert rel(out, ref) < 1e-5
+
+
+def test_fast_predictor_bf16_leaves_the_policy_alone():
+    policy = make_policy(METHODS["ddim"])
+    fast = FastPredictor(policy, dtype="bf16")
+    assert policy.net.final[1].weight.dtype == torch.float32
+    assert fast.net.final[1].weight.dtype == torch.bfloat16
+    obs = obs_batch(2)
+    ref = policy.predict(obs, generator=gens(2))
+    out = fast.predict(obs, generator=gens(2))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert rel(out, ref) < 0.05
+
+
+def test_fast_predictor_transformer_bf16_under_autocast():
+    cfg = PolicyConfig(name="transformer", n_layer=2, n_head=2, n_emb=32)
+    policy = make_policy(METHODS["ddim"], cfg)
+    obs = obs_batch(2)
+    ref = policy.predict(obs, generator=gens(2))
+    out = FastPredictor(policy, dtype="bf16").predict(obs, generator=gens(2))
+    assert rel(out, ref) < 0.05
+
+
+def test_fast_predictor_errors():
+    policy = make_policy(METHODS["ddim"])
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        FastPredictor(policy, dtype="fp16")
+    with pytest.raises(ValueError, match="needs the policy on a CUDA device"):
+        FastPredictor(policy, cuda_graph=True)
+    with pytest.raises(ValueError, match="compile must be True, False or one of"):
+        FastPredictor(policy, compile="reduce-overhead")
+    with pytest.raises(KeyError, match="missing keys"):
+        FastPredictor(policy).predict({"other": torch.zeros(1, TO, 5)})
+
+
+def test_controller_runs_a_fast_predictor():
+    policy = make_policy(METHODS["ddim"])
+    fast = FastPredictor(policy, dtype="fp32")
+    runs = []
+    for pol in (policy, fast):
+        ctl = RecedingHorizonController(pol, n_envs=2, generator=torch.Generator().manual_seed(0))
+        acts = [ctl.act({"state": np.full((2, 5), 0.1 * t, np.float32)}) for t in range(TA + 1)]
+        runs.append(np.stack(acts))
+    assert runs[0].shape == (TA + 1, 2, DA)
+    np.testing.assert_allclose(runs[1], runs[0], atol=1e-4)

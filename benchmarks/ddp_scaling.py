@@ -155,6 +155,7 @@ def main() -> None:
     ap.add_argument("--no-strong", dest="strong", action="store_false", help="skip the strong-scaling run")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--out", default="ddp_out")
+    ap.add_argument("--store", default="", help="synthetic store path (default <out>/synthetic_pusht.zarr)")
     ap.add_argument("--extra", nargs="*", default=[], help="dp-train overrides for every run")
     ap.add_argument("--device", default="cuda", help="cuda (NCCL) or cpu (gloo, a smoke test)")
     ap.add_argument("--policy", default="unet", help="policy config (unet = about 65M parameters)")
@@ -165,7 +166,7 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    store = out / "synthetic_pusht.zarr"
+    store = Path(args.store) if args.store else out / "synthetic_pusht.zarr"
     make_store(store)
     variants = [parse_variant(v) for v in args.variants]
     t0 = time.perf_counter()

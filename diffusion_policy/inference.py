@@ -20,9 +20,10 @@ fresh noise at every step; its steps cannot take a generator inside a graph, so 
 generator runs without the graph (same result as ``predict``), and one without runs in the graph
 on the device's default generator.
 
-``dtype="bf16"`` keeps a bf16 copy of the denoiser (GroupNorm statistics and the sampler's state
-stay float32); the policy itself is not modified. The copy shares nothing with the policy: after
-its weights change (training), build a new predictor.
+``dtype="bf16"`` keeps a bf16 copy of the denoiser (the matrix products run in bf16; activations,
+GroupNorm and the sampler's state stay float32); the policy itself is not modified. With bf16,
+compile or a graph the predictor works on its own copy of the denoiser: after the policy's weights
+change (training), build a new predictor.
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ class FastPredictor:
             raise ValueError(f"cuda_graph=True needs the policy on a CUDA device, it is on {self.device}")
         self.dtype, self.compiled, self.cuda_graph, self.warmup = dtype, compile, cuda_graph, warmup
         net = policy.net
-        if dtype != "fp32" or compile:
+        if dtype != "fp32" or compile or cuda_graph:
             net = copy.deepcopy(net).to(DTYPES[dtype]).eval().requires_grad_(False)
         if compile:
             kw = {"dynamic": False, "mode": None if compile is True else compile}

@@ -12,8 +12,8 @@ from diffusion_policy.config import MethodConfig, PolicyConfig, TaskConfig
 from diffusion_policy.control import RecedingHorizonController
 from diffusion_policy.data.normalize import Normalizer
 from diffusion_policy.inference import FastPredictor
-from diffusion_policy.nets.unet1d import (ConditionalUnet1D, conv_tokens, upsample_tokens,
-                                          upsample_weight)
+from diffusion_policy.nets.unet1d import (ConditionalUnet1D, conv_tokens, upsample_tap_weight,
+                                          upsample_taps)
 from diffusion_policy.policy import Policy
 
 H, TO, TA, DA = 16, 2, 8, 2
@@ -37,7 +37,7 @@ def test_conv_tokens_matches_conv1d_same_and_strided():
     torch.manual_seed(0)
     x = torch.randn(3, 17, 12)  # (B, C, L)
     for conv in (nn.Conv1d(17, 24, 5, padding=2), nn.Conv1d(17, 17, 3, stride=2, padding=1),
-                 nn.Conv1d(17, 9, 1)):
+                 nn.Conv1d(17, 9, 1), nn.Conv1d(17, 8, 3, stride=2, padding=0), nn.Conv1d(17, 5, 7, padding=3)):
         ref = conv(x).transpose(1, 2)
         out = conv_tokens(x.transpose(1, 2), conv)
         assert out.shape == ref.shape and rel(out, ref) < 1e-6
@@ -48,10 +48,10 @@ def test_upsample_tokens_matches_conv_transpose():
     up = nn.ConvTranspose1d(16, 8, 4, stride=2, padding=1)
     x = torch.randn(2, 16, 6)
     ref = up(x).transpose(1, 2)  # (B, 12, 8)
-    out = upsample_tokens(x.transpose(1, 2), upsample_weight(up), up.bias)
+    out = upsample_taps(x.transpose(1, 2) @ upsample_tap_weight(up), up.bias)
     assert out.shape == ref.shape and rel(out, ref) < 1e-6
     with pytest.raises(ValueError, match="kernel 4, stride 2"):
-        upsample_weight(nn.ConvTranspose1d(4, 4, 3, stride=2, padding=1))
+        upsample_tap_weight(nn.ConvTranspose1d(4, 4, 3, stride=2, padding=1))
 
 
 @pytest.mark.parametrize("down_dims,B,horizon", [([32, 64, 128], 1, 16), ([32, 64], 3, 8), ([32], 2, 4)])
@@ -148,7 +148,9 @@ def test_fast_predictor_fp32_equals_predict(method):
 
 
 def test_fast_predictor_bf16_leaves_the_policy_alone():
-    policy = make_policy(METHODS["ddim"])
+    # flow: a sampler that does not amplify small differences (DDIM with clip_sample on random
+    # weights turns bf16 rounding into 10-20% chunk differences, with either layout alike)
+    policy = make_policy(MethodConfig(name="flow", num_inference_steps=5))
     fast = FastPredictor(policy, dtype="bf16")
     assert policy.net.final[1].weight.dtype == torch.float32
     assert fast.net.final[1].weight.dtype == torch.bfloat16
@@ -156,16 +158,16 @@ def test_fast_predictor_bf16_leaves_the_policy_alone():
     ref = policy.predict(obs, generator=gens(2))
     out = fast.predict(obs, generator=gens(2))
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
-    assert rel(out, ref) < 0.05
+    assert rel(out, ref) < 0.01
 
 
 def test_fast_predictor_transformer_bf16_under_autocast():
     cfg = PolicyConfig(name="transformer", n_layer=2, n_head=2, n_emb=32)
-    policy = make_policy(METHODS["ddim"], cfg)
+    policy = make_policy(MethodConfig(name="flow", num_inference_steps=5), cfg)
     obs = obs_batch(2)
     ref = policy.predict(obs, generator=gens(2))
     out = FastPredictor(policy, dtype="bf16").predict(obs, generator=gens(2))
-    assert rel(out, ref) < 0.05
+    assert rel(out, ref) < 0.02
 
 
 def test_fast_predictor_errors():
@@ -190,3 +192,18 @@ def test_controller_runs_a_fast_predictor():
         runs.append(np.stack(acts))
     assert runs[0].shape == (TA + 1, 2, DA)
     np.testing.assert_allclose(runs[1], runs[0], atol=1e-4)
+
+
+def test_sampling_weights_follow_weight_updates():
+    """The rearranged weights are cached between chunks and remade after any weight change."""
+    policy = make_policy(METHODS["ddim"])
+    policy.net.sampling_layout = "tokens"
+    obs = obs_batch(1)
+    first = policy.predict(obs, generator=gens(1))
+    with torch.no_grad():
+        for p in policy.net.parameters():  # an in-place update, as an optimizer step makes
+            p.mul_(1.1)
+    after = policy.predict(obs, generator=gens(1))
+    policy.net.sampling_layout = "direct"
+    assert rel(after, policy.predict(obs, generator=gens(1))) < 1e-5
+    assert rel(after, first) > 1e-3

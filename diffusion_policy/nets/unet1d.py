@@ -15,12 +15,16 @@ batch. Two facts make it cheaper than calling ``forward`` once per step:
   and bias split into a time part (a table over the sampler's S times, computed once per chunk)
   and an observation part (computed once per chunk); a step only adds the two rows it needs. The
   time MLP and every FiLM linear leave the per-step loop.
-- The convolutions run as matrix products over unfolded windows, with activations laid out
-  ``(B, L, C)``. At batch 1 a convolution's output is a few thousand numbers (e.g. 1024 channels x
-  4 steps): a direct convolution kernel then runs on a handful of GPU cores while it streams
-  megabytes of weights, whereas a matrix product with few rows is what GEMM libraries split across
-  the whole chip. The transposed (upsampling) convolution becomes one product over 3-step windows
-  with even and odd outputs as two halves of its columns.
+- Every convolution runs as one matrix product of the activations ``(B, L, C)`` with all its
+  taps side by side (``(C, k * O)``), followed by a shifted sum of the k tap outputs. At batch 1 a
+  convolution's output is a few thousand numbers (e.g. 1024 channels x 4 steps): a direct
+  convolution kernel then runs on a handful of GPU cores while it streams megabytes of weights,
+  whereas a wide matrix product with few rows spreads over the whole chip. The shifted sum, the
+  bias, GroupNorm, Mish, FiLM and the residual add are elementwise or per-group work that a
+  compiler fuses into one kernel after each product; a 1x1 skip convolution rides along in the
+  product of the block's first convolution (its columns appended to the taps). The transposed
+  (upsampling) convolution is the same product with even and odd outputs gathered from its taps.
+  Per step and block: two matrix products and two fused kernels.
 Tests check it against ``forward`` on random inputs; ``forward`` (direct convolutions) stays the
 training path, where batches are large and the direct kernels win. On the CPU the direct kernels
 also win once a chunk batch has more than ``CPU_TOKEN_ROWS`` rows of time steps (2 cores, small
@@ -54,10 +58,11 @@ class ConvBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block(x)
 
-    def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """The same block on ``(B, L, C)`` activations (see the module's sampling path)."""
+    def tokens(self, x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+        """The same block on ``(B, L, C)`` activations; ``taps = tap_weight(conv.weight)``."""
         conv, gn, _ = self.block
-        return F.mish(group_norm_tokens(conv_tokens(x, conv), gn))
+        y = mm(x, taps)
+        return F.mish(group_norm_tokens(shift_add(y, conv.kernel_size[0], conv.padding[0], 1, conv.bias), gn))
 
 
 class FiLMResBlock(nn.Module):
@@ -85,13 +90,24 @@ class FiLMResBlock(nn.Module):
         w_t, w_c = lin.weight[:, :time_dim], lin.weight[:, time_dim:]
         return F.mish(t_emb) @ w_t.t(), F.linear(F.mish(cond), w_c, lin.bias)
 
-    def tokens(self, x: torch.Tensor, film: torch.Tensor) -> torch.Tensor:
-        """``forward`` on ``(B, L, C)`` activations with the FiLM ``(B, 2C)`` given."""
-        conv, gn, _ = self.conv1.block
-        h = F.mish(group_norm_tokens(conv_tokens(x, conv), gn))
-        scale, bias = film.to(h.dtype).unsqueeze(1).chunk(2, dim=-1)  # (B, 1, C) each
-        h = self.conv2.tokens(scale * h + bias)
-        skip = x if isinstance(self.skip, nn.Identity) else conv_tokens(x, self.skip)
+    def sampling_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(conv1 taps with the skip's columns appended (C, k O [+ O]), conv2 taps (O, k O))``."""
+        w1 = tap_weight(self.conv1.block[0].weight)
+        if not isinstance(self.skip, nn.Identity):
+            w1 = torch.cat([w1, self.skip.weight[:, :, 0].t()], dim=1)
+        return w1, tap_weight(self.conv2.block[0].weight)
+
+    def tokens(self, x: torch.Tensor, film: torch.Tensor, weights) -> torch.Tensor:
+        """``forward`` on ``(B, L, C)`` activations with the FiLM ``(B, 2C)`` and
+        :meth:`sampling_weights` given."""
+        (conv1, gn1, _), (conv2, gn2, _) = self.conv1.block, self.conv2.block
+        k, pad, O = conv1.kernel_size[0], conv1.padding[0], self.out_ch
+        y = mm(x, weights[0])  # (B, L, k O [+ O]): the taps of conv1, then the skip
+        h = F.mish(group_norm_tokens(shift_add(y[..., : k * O], k, pad, 1, conv1.bias), gn1))
+        scale, bias = film.float().unsqueeze(1).chunk(2, dim=-1)  # (B, 1, C) each
+        h = scale * h + bias
+        h = F.mish(group_norm_tokens(shift_add(mm(h, weights[1]), k, pad, 1, conv2.bias), gn2))
+        skip = x if isinstance(self.skip, nn.Identity) else y[..., k * O :] + self.skip.bias.float()
         return h + skip
 
 
@@ -211,18 +227,40 @@ class ConditionalUnet1D(nn.Module):
         t_emb = mlp(sinusoid(times).to(wdtype))  # (S, time_embed_dim), in the weights' dtype
         time_dim = t_emb.shape[1]
         tables = [blk.film_split(time_dim, t_emb.to(wdtype), cond.to(wdtype)) for blk in self._blocks()]
-        up_weights = [upsample_weight(level[2]) for level in self.ups]
+        weights = self._cached_sampling_weights()
         index = self._index_cache(len(times), cond.device)
         trunk = self._trunk_compiled or self._trunk
 
         def f(x: torch.Tensor, i: int) -> torch.Tensor:
             if x.shape[0] != B:
                 raise ValueError(f"x has batch {x.shape[0]}, the condition has {B}")
-            return trunk(x, index[i], tables, up_weights)
+            return trunk(x, index[i], tables, weights)
 
         return f
 
     _trunk_compiled = None
+
+    def sampling_weights(self) -> dict:
+        """The convolution weights rearranged for the sampling path (a copy of each)."""
+        return {
+            "blocks": [blk.sampling_weights() for blk in self._blocks()],
+            "down": [tap_weight(level[2].weight) for level in self.downs if not isinstance(level[2], nn.Identity)],
+            "up": [upsample_tap_weight(level[2]) for level in self.ups],
+            "final": tap_weight(self.final[0].block[0].weight),
+        }
+
+    def _cached_sampling_weights(self) -> dict:
+        """:meth:`sampling_weights`, remade only when a weight changed: the key is every
+        parameter's storage and version counter (an optimizer step, ``load_state_dict`` or
+        ``.to()`` changes one of them). Under autograd the weights are made afresh, uncached."""
+        if torch.is_grad_enabled():
+            return self.sampling_weights()
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in self.parameters())
+        cached = self.__dict__.get("_sampling_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self.sampling_weights())
+            self.__dict__["_sampling_cache"] = cached
+        return cached[1]
 
     def compile_sampling(self, **kwargs) -> None:
         """Run the sampling path's per-step trunk through ``torch.compile(**kwargs)``."""
@@ -237,71 +275,90 @@ class ConditionalUnet1D(nn.Module):
             cache[key] = [torch.full((1,), i, dtype=torch.long, device=device) for i in range(n)]
         return cache[key]
 
-    def _trunk(self, x: torch.Tensor, index: torch.Tensor, tables: list, up_weights: list) -> torch.Tensor:
+    def _trunk(self, x: torch.Tensor, index: torch.Tensor, tables: list, weights: dict) -> torch.Tensor:
         """One network call of the sampling path: ``x (B, H, Da)`` -> ``(B, H, Da)`` float32."""
         B, H, Da = x.shape
         if Da != self.action_dim or H % self.downsample_factor != 0:
             raise ValueError(f"x has shape {tuple(x.shape)}: expected {self.action_dim} action dims and H "
                              f"divisible by {self.downsample_factor}")
         films = iter([tab.index_select(0, index) + part for tab, part in tables])  # (B, 2C) each
-        h = x.to(self.final[1].weight.dtype)  # (B, L, C): time along dim 1
+        blocks = iter(weights["blocks"])
+        downs = iter(weights["down"])
+        h = x.float()  # (B, L, C): time along dim 1; float32 between the matrix products
         skips = []
         for res1, res2, down in self.downs:
-            h = res2.tokens(res1.tokens(h, next(films)), next(films))
+            h = res1.tokens(h, next(films), next(blocks))
+            h = res2.tokens(h, next(films), next(blocks))
             skips.append(h)
             if not isinstance(down, nn.Identity):
-                h = conv_tokens(h, down)
+                h = shift_add(mm(h, next(downs)), down.kernel_size[0], down.padding[0], down.stride[0], down.bias)
         for res in self.mids:
-            h = res.tokens(h, next(films))
-        for (res1, res2, up), w in zip(self.ups, up_weights):
+            h = res.tokens(h, next(films), next(blocks))
+        for (res1, res2, up), w in zip(self.ups, weights["up"]):
             h = torch.cat([h, skips.pop()], dim=-1)
-            h = upsample_tokens(res2.tokens(res1.tokens(h, next(films)), next(films)), w, up.bias)
-        h = self.final[0].tokens(h)
-        return conv_tokens(h, self.final[1]).float()
+            h = res1.tokens(h, next(films), next(blocks))
+            h = res2.tokens(h, next(films), next(blocks))
+            h = upsample_taps(mm(h, w), up.bias)
+        h = self.final[0].tokens(h, weights["final"])
+        return conv_tokens(h, self.final[1])
 
 
 # ---------------------------------------------------------------- (B, L, C) building blocks
-def conv_tokens(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
-    """``conv`` applied to ``x (B, L, C)`` -> ``(B, L', O)``, as one matrix product over the
-    unfolded windows (``(B, L', C * k) @ (C * k, O)``; the weight ``(O, C, k)`` flattens to match)."""
-    k, stride, pad = conv.kernel_size[0], conv.stride[0], conv.padding[0]
-    w = conv.weight
-    if k == 1 and stride == 1 and pad == 0:
-        return F.linear(x, w[:, :, 0], conv.bias)
-    B, L, C = x.shape
-    cols = F.pad(x, (0, 0, pad, pad)).unfold(1, k, stride)  # (B, L', C, k)
-    return F.linear(cols.reshape(B, cols.shape[1], C * k), w.reshape(w.shape[0], C * k), conv.bias)
+def mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w`` with the operands in the weight's dtype (bf16 for a bf16 copy) and the result in
+    float32: the activations, shifted sums and norms stay float32 (a compiler fuses the casts)."""
+    return (x.to(w.dtype) @ w).float()
 
 
-def upsample_weight(up: nn.ConvTranspose1d) -> torch.Tensor:
-    """The weight ``(2 O, C * 3)`` of ``up`` (kernel 4, stride 2, padding 1) as a product over
-    3-step windows ``[x[m-1], x[m], x[m+1]]``: output ``2m`` is ``x[m] W_1 + x[m-1] W_3`` and
-    output ``2m+1`` is ``x[m+1] W_0 + x[m] W_2`` (``W_j = up.weight[:, :, j]``, shape (C, O))."""
+def tap_weight(w: torch.Tensor) -> torch.Tensor:
+    """A convolution weight ``(O, C, k)`` as ``(C, k O)``: column block ``j`` is tap ``j``."""
+    O, C, k = w.shape
+    return w.permute(1, 2, 0).reshape(C, k * O)
+
+
+def shift_add(y: torch.Tensor, k: int, pad: int, stride: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """Finish a convolution from its tap products ``y = x @ tap_weight(w)`` ``(B, L, k O)``:
+    ``out[l] = bias + sum_j y[stride l + j - pad, tap j]`` (zero outside ``[0, L)``: the padding)."""
+    B, L, kO = y.shape
+    y = y.unflatten(-1, (k, kO // k))
+    yp = F.pad(y, (0, 0, 0, 0, pad, pad))  # pad the time axis
+    L_out = (L + 2 * pad - k) // stride + 1
+    stop = stride * (L_out - 1) + 1
+    out = yp[:, 0:stop:stride, 0]
+    for j in range(1, k):
+        out = out + yp[:, j : j + stop : stride, j]
+    return out if bias is None else out + bias.float()
+
+
+def upsample_tap_weight(up: nn.ConvTranspose1d) -> torch.Tensor:
+    """The weight ``(C, O, 4)`` of ``up`` (kernel 4, stride 2, padding 1) as ``(C, 4 O)``."""
     if (up.kernel_size[0], up.stride[0], up.padding[0], up.output_padding[0]) != (4, 2, 1, 0):
-        raise ValueError("upsample_weight handles ConvTranspose1d(kernel 4, stride 2, padding 1) only")
-    w = up.weight  # (C, O, 4)
-    zero = torch.zeros_like(w[:, :, 0])
-    even = torch.stack([w[:, :, 3], w[:, :, 1], zero], dim=-1)  # taps m-1, m, m+1: (C, O, 3)
-    odd = torch.stack([zero, w[:, :, 2], w[:, :, 0]], dim=-1)
-    both = torch.cat([even, odd], dim=1)  # (C, 2 O, 3)
-    return both.permute(1, 0, 2).reshape(2 * w.shape[1], w.shape[0] * 3)
+        raise ValueError("the sampling path handles ConvTranspose1d(kernel 4, stride 2, padding 1) only")
+    C, O, k = up.weight.shape
+    return up.weight.permute(0, 2, 1).reshape(C, k * O)
 
 
-def upsample_tokens(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Transposed convolution (kernel 4, stride 2, padding 1) on ``x (B, L, C)`` -> ``(B, 2L, O)``
-    with ``weight`` from :func:`upsample_weight`."""
-    B, L, C = x.shape
-    O = weight.shape[0] // 2
-    cols = F.pad(x, (0, 0, 1, 1)).unfold(1, 3, 1).reshape(B, L, C * 3)
-    out = (cols @ weight.t()).view(B, L, 2, O)  # [..., 0, :] -> output 2m, [..., 1, :] -> 2m+1
-    if bias is not None:
-        out = out + bias
-    return out.reshape(B, 2 * L, O)
+def upsample_taps(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Finish the transposed convolution (kernel 4, stride 2, padding 1) from ``y = x @
+    upsample_tap_weight(up)`` ``(B, L, 4 O)``: output ``2m`` is ``x[m] W_1 + x[m-1] W_3`` and
+    output ``2m+1`` is ``x[m+1] W_0 + x[m] W_2``; returns ``(B, 2L, O)``."""
+    B, L, kO = y.shape
+    yp = F.pad(y.unflatten(-1, (4, kO // 4)), (0, 0, 0, 0, 1, 1))  # yp[i] = y[i - 1]
+    even = yp[:, 1 : L + 1, 1] + yp[:, 0:L, 3]
+    odd = yp[:, 2 : L + 2, 0] + yp[:, 1 : L + 1, 2]
+    out = torch.stack([even, odd], dim=2).reshape(B, 2 * L, kO // 4)
+    return out if bias is None else out + bias.float()
+
+
+def conv_tokens(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """``conv`` applied to ``x (B, L, C)`` -> ``(B, L', O)`` through its tap products."""
+    k, stride, pad = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+    return shift_add(mm(x, tap_weight(conv.weight)), k, pad, stride, conv.bias)
 
 
 def group_norm_tokens(x: torch.Tensor, gn: nn.GroupNorm) -> torch.Tensor:
     """``gn`` on ``(B, L, C)`` activations: statistics per row and group over (time, channels of
-    the group), in float32 whatever the activations' dtype."""
+    the group); float32 out whatever the activations' dtype."""
     B, L, C = x.shape
     G = gn.num_groups
     xf = x.float().view(B, L, G, C // G)
@@ -309,4 +366,4 @@ def group_norm_tokens(x: torch.Tensor, gn: nn.GroupNorm) -> torch.Tensor:
     y = ((xf - mean) * torch.rsqrt(var + gn.eps)).view(B, L, C)
     if gn.affine:
         y = y * gn.weight.float() + gn.bias.float()
-    return y.to(x.dtype)
+    return y

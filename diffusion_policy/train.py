@@ -193,11 +193,13 @@ def train(cfg: TrainConfig) -> dict:
 
     loss_module = LossModule(policy)
     if world > 1:
-        # DDP broadcasts rank 0's weights; gradient_as_bucket_view: gradients live in the
-        # all-reduce buckets (no copy in and out)
+        # DDP broadcasts rank 0's weights (and buffers) once here; gradient_as_bucket_view:
+        # gradients live in the all-reduce buckets (no copy in and out); broadcast_buffers=False:
+        # the only buffers are the normalizer's statistics, constant during training, so the
+        # default re-broadcast before every forward is a collective per step for nothing
         loss_module = torch.nn.parallel.DistributedDataParallel(
             loss_module, device_ids=[device.index] if device.type == "cuda" else None,
-            gradient_as_bucket_view=True, bucket_cap_mb=cfg.ddp_bucket_mb)
+            gradient_as_bucket_view=True, bucket_cap_mb=cfg.ddp_bucket_mb, broadcast_buffers=False)
         if cfg.ddp_comm == "bf16":
             from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
 

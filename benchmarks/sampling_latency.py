@@ -9,10 +9,10 @@ is a whole ``predict``: normalize the observation window, encode it, run the sam
 unnormalize the chunk.
 
 Modes (``--modes``; on CPU only ``direct``, ``eager`` and ``compile`` apply):
-- ``direct``: ``Policy.predict`` with the UNet's ``forward`` at every step (direct convolutions,
-  FiLM recomputed per step): the path before the network had a sampling path.
-- ``eager``: ``Policy.predict`` as it is (the UNet's sampling path: FiLM tables once per chunk,
-  convolutions as matrix products over ``(B, L, C)`` activations).
+- ``direct``: ``Policy.predict`` as it is without compilation: the UNet's ``forward`` at every
+  step (direct convolutions, FiLM recomputed per step).
+- ``eager``: ``Policy.predict`` through the UNet's sampling path op by op (FiLM tables once per
+  chunk, each convolution one wide matrix product plus elementwise work), uncompiled.
 - ``compile``: :class:`FastPredictor` with ``torch.compile`` of the per-step trunk; no graph.
 - ``graph``: :class:`FastPredictor` without compile, the whole ``predict`` captured in one CUDA
   graph per shape (static inputs; a call copies the observation and noise in and replays).
@@ -101,9 +101,9 @@ def time_calls(run, obs, device, warmup: int, calls: int) -> tuple[list[float], 
 
 
 def get_predictor(policy, cache: dict, mode: str, dtype_name: str):
-    """The predictor for a row: ``Policy.predict`` itself (``eager``), with the UNet's direct
-    per-step ``forward`` (``direct``, the path before the sampling path existed), or a
-    :class:`FastPredictor` (compile and/or CUDA graph), built once per (mode, precision) and
+    """The predictor for a row: ``Policy.predict`` itself (``direct``: the UNet's ``forward`` per
+    step; ``eager``: its sampling path op by op; a bf16 copy through :class:`FastPredictor`), or
+    a :class:`FastPredictor` with compile and/or CUDA graph, built once per (mode, precision) and
     shared by the samplers (a compiled trunk is reused; graphs are captured per sampler)."""
     key = (mode, dtype_name)
     if key not in cache:
@@ -115,9 +115,10 @@ def get_predictor(policy, cache: dict, mode: str, dtype_name: str):
     pred = cache[key]
     if isinstance(pred, FastPredictor):
         pred.reset()  # the sampler changed: capture again
-    policy.net.sampling_layout = "direct" if mode == "direct" else "auto"
-    if isinstance(pred, FastPredictor) and pred.net is not policy.net:
-        pred.net.sampling_layout = policy.net.sampling_layout
+    if mode in ("direct", "eager"):  # op by op: the network's forward, or its sampling path
+        nets = [policy.net] + ([pred.net] if isinstance(pred, FastPredictor) else [])
+        for net in nets:
+            net.sampling_layout = "direct" if mode == "direct" else "tokens"
     return pred
 
 

@@ -7,7 +7,7 @@
 At batch 1 a 10-step chunk of the default UNet is a few hundred small kernels; launched one by
 one from Python their launch cost, not the arithmetic, sets the latency. Three things remove it:
 - the network's sampling path (``ConditionalUnet1D.prepare_sampling``: FiLM tables computed once
-  per chunk, convolutions as matrix products), used by every ``predict`` already;
+  per chunk, each convolution one wide matrix product plus fusable elementwise work);
 - ``torch.compile`` of the per-step trunk (fuses GroupNorm, Mish, FiLM and the residual adds);
 - one CUDA graph per (batch size, steps, prefix length) holding the whole ``predict``: normalize,
   encode, every sampler step, unnormalize. A call copies the observation and the starting noise
@@ -67,6 +67,8 @@ class FastPredictor:
         net = policy.net
         if dtype != "fp32" or compile or cuda_graph:
             net = copy.deepcopy(net).to(DTYPES[dtype]).eval().requires_grad_(False)
+            if hasattr(net, "sampling_layout") and (compile or cuda_graph):
+                net.sampling_layout = "tokens"  # fused (compile) or launched together (graph)
         if compile:
             kw = {"dynamic": False, "mode": None if compile is True else compile}
             if hasattr(net, "compile_sampling"):

@@ -69,6 +69,7 @@ def test_sampling_path_equals_forward(down_dims, B, horizon):
 
 def test_sampling_path_bf16_is_close_and_checks_inputs():
     net = perturbed(ConditionalUnet1D(DA, 14, [32, 64], 5, 8, 32))
+    net.sampling_layout = "tokens"
     cond, x, times = torch.randn(2, 2, 7), torch.randn(2, 8, DA), torch.tensor([50.0])
     with torch.no_grad():
         ref = net(x, times.expand(2), cond)
@@ -139,12 +140,13 @@ def test_noise_argument_replaces_the_draw():
 @pytest.mark.parametrize("method", ["ddim", "ddpm", "flow_heun"])
 def test_fast_predictor_fp32_equals_predict(method):
     policy = make_policy(METHODS[method])
+    policy.net.sampling_layout = "tokens"  # as a compiled or graphed predictor runs it
     fast = FastPredictor(policy, dtype="fp32")
     assert fast.net is policy.net and not fast.cuda_graph  # CPU: no graph, no copy
     obs = obs_batch(3)
-    ref = policy.predict(obs, generator=gens(3))
     out = fast.predict(obs, generator=gens(3))
-    assert rel(out, ref) < 1e-5
+    policy.net.sampling_layout = "direct"
+    assert rel(out, policy.predict(obs, generator=gens(3))) < 1e-5
 
 
 def test_fast_predictor_bf16_leaves_the_policy_alone():
@@ -207,3 +209,16 @@ def test_sampling_weights_follow_weight_updates():
     policy.net.sampling_layout = "direct"
     assert rel(after, policy.predict(obs, generator=gens(1))) < 1e-5
     assert rel(after, first) > 1e-3
+
+
+def test_compiled_predictor_equals_predict():
+    """The compiled sampling path (inductor; C++ kernels on the CPU, ~20 s) computes the same
+    chunk as the plain predict."""
+    cfg = PolicyConfig(name="unet", down_dims=[16, 32], time_embed_dim=16)
+    policy = make_policy(MethodConfig(name="flow", num_inference_steps=2), cfg)
+    fast = FastPredictor(policy, compile=True)
+    assert fast.net is not policy.net and fast.net.sampling_layout == "tokens"
+    obs = obs_batch(2)
+    out = fast.predict(obs, generator=gens(2))
+    assert rel(out, policy.predict(obs, generator=gens(2))) < 1e-5
+    assert policy.net.sampling_layout == "auto" and policy.net._trunk_compiled is None

@@ -237,6 +237,14 @@ class EvalConfig:
     ``n_envs`` or ranks, but environments replanning together share a ``predict`` call only if the
     method accepts a list of generators (else one call each). False: one shared generator and
     batched calls, reproducible only for the same ``n_envs`` and ranks."""
+    bf16: bool = False
+    """Sample with a bf16 copy of the denoiser (diffusion_policy/inference.py, FastPredictor)."""
+    compile: bool = False
+    """``torch.compile`` the denoiser's sampling path (the first chunk compiles: seconds to a
+    minute)."""
+    cuda_graph: bool = False
+    """Replay each chunk's whole ``predict`` from a CUDA graph (CUDA only); calls are padded to
+    ``n_envs`` rows so that one graph serves every batch."""
 
 
 def register_configs() -> None:

@@ -112,6 +112,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         raise EvalError(f"smoothing={smoothing!r} is not allowed; expected one of {', '.join(SMOOTHING)}")
 
     device = str(resolve_device(cfg.device, local_rank))
+    if cfg.cuda_graph and not device.startswith("cuda"):
+        raise EvalError(f"cuda_graph=true needs a CUDA device, the evaluation runs on {device}")
     episodes = list(range(rank, cfg.episodes, world))  # this rank's share of the seeds
     seeds = [EVAL_SEED_BASE + cfg.seed + i for i in episodes]
     n_envs = 1 if cfg.checkpoint == "expert" else (cfg.n_envs or default_n_envs(len(episodes)))
@@ -132,6 +134,11 @@ def evaluate(cfg: EvalConfig) -> dict:
                 check_compatible(label, task, saved["task"].get("obs_keys", []),
                                  saved.get("shapes"), vec.single_observation_space)
                 policy = _load_policy(policy_dir, label, device)
+                if cfg.bf16 or cfg.compile or cfg.cuda_graph:
+                    from diffusion_policy.inference import FastPredictor
+
+                    policy = FastPredictor(policy, dtype="bf16" if cfg.bf16 else "fp32", compile=cfg.compile,
+                                           cuda_graph=cfg.cuda_graph, pad_to=n_envs)
                 actor = PolicyActor(policy, n_envs, device, cfg.num_inference_steps, smoothing,
                                     cfg.ensemble_k,
                                     None if cfg.episode_generators else seeds[0])
@@ -156,6 +163,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             "device": device, "max_episode_steps": max_steps,
             "num_inference_steps": cfg.num_inference_steps,
             "smoothing": smoothing, "episode_generators": cfg.episode_generators,
+            "bf16": cfg.bf16, "compile": cfg.compile, "cuda_graph": cfg.cuda_graph,
             "expert": cfg.checkpoint == "expert", "videos": cfg.videos}
     if rank != 0:
         return {}

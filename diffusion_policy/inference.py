@@ -48,11 +48,14 @@ class FastPredictor:
     (``reduce-overhead``, ``max-autotune``) would nest graphs in ours: use ``cuda_graph`` instead. ``cuda_graph``:
     capture each (batch, steps, prefix length) once and replay it (default: on for CUDA; graphs
     need CUDA). ``warmup``: calls run before a capture (compilation and cuDNN/cuBLAS autotuning
-    happen there, outside the graph).
+    happen there, outside the graph). ``pad_to``: calls with fewer rows are padded to this many
+    (copies of the first row) and the padding dropped from the result, so that one compiled
+    shape and one graph serve every batch size up to it (e.g. an evaluation whose environments
+    finish at different times); rows do not interact, so padding changes no row's chunk.
     """
 
     def __init__(self, policy, dtype: str = "fp32", compile: bool | str = False, cuda_graph: bool | None = None,
-                 warmup: int = 3):
+                 warmup: int = 3, pad_to: int | None = None):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
         if isinstance(compile, str) and compile not in COMPILE_MODES:
@@ -63,7 +66,10 @@ class FastPredictor:
             cuda_graph = self.device.type == "cuda"
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the policy on a CUDA device, it is on {self.device}")
+        if pad_to is not None and pad_to < 1:
+            raise ValueError(f"pad_to must be >= 1 or None, got {pad_to}")
         self.dtype, self.compiled, self.cuda_graph, self.warmup = dtype, compile, cuda_graph, warmup
+        self.pad_to = pad_to
         net = policy.net
         if dtype != "fp32" or compile or cuda_graph:
             net = copy.deepcopy(net).to(DTYPES[dtype]).eval().requires_grad_(False)
@@ -122,9 +128,22 @@ class FastPredictor:
         noise = initial_noise(shape, generator, self.device)
         if prefix is not None:
             prefix = torch.as_tensor(prefix).to(self.device, torch.float32)
+        # DDPM draws noise at every step from the caller's generators: such a call runs as
+        # Policy.predict does (no graph, no padding rows that would draw from them too)
         stochastic = getattr(policy.method, "scheduler_name", None) == "ddpm"
-        if not self.cuda_graph or (stochastic and generator is not None):
-            return self._run(obs, num_steps, generator if stochastic else None, prefix, noise)
+        if stochastic and generator is not None:
+            return self._run(obs, num_steps, generator, prefix, noise)
+        if self.pad_to is not None and B < self.pad_to:
+            pad = lambda t: torch.cat([t, t[:1].expand(self.pad_to - B, *t.shape[1:])])  # noqa: E731
+            obs = {k: pad(v) for k, v in obs.items()}
+            noise, prefix = pad(noise), None if prefix is None else pad(prefix)
+            return self._predict(obs, num_steps, prefix, noise)[:B]
+        return self._predict(obs, num_steps, prefix, noise)
+
+    def _predict(self, obs, num_steps, prefix, noise) -> torch.Tensor:
+        B = noise.shape[0]
+        if not self.cuda_graph:
+            return self._run(obs, num_steps, None, prefix, noise)
         P = 0 if prefix is None else int(prefix.shape[1])
         key = (B, num_steps, P, tuple((k, tuple(v.shape), v.dtype) for k, v in obs.items()))
         graph = self._graphs.get(key)

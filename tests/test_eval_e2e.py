@@ -95,6 +95,23 @@ def test_reproducible_for_a_checkpoint_and_seed(run_dir, tmp_path):
     assert a == b
 
 
+def test_fast_inference_options(run_dir, tmp_path):
+    """compile=true evaluates the same episodes as plain predict (padded to n_envs rows, so one
+    compiled shape serves the batches of 2 and 1 left as episodes finish); bf16 runs and is
+    recorded; cuda_graph on a CPU is a clear error."""
+    common = [f"checkpoint={run_dir}", "episodes=3", "videos=0", "device=cpu", "n_envs=2"]
+    ev.evaluate(compose("eval", common + [f"out={tmp_path / 'a'}"]))
+    m = ev.evaluate(compose("eval", common + ["compile=true", f"out={tmp_path / 'b'}"]))
+    a, b = _episodes(tmp_path / "a"), _episodes(tmp_path / "b")
+    for ra, rb in zip(a, b):
+        np.testing.assert_allclose(ra.pop("mean_action"), rb.pop("mean_action"), atol=1e-4)
+    assert a == b and m["compile"] is True
+    m = ev.evaluate(compose("eval", common + ["bf16=true", f"out={tmp_path / 'c'}"]))
+    assert m["bf16"] is True and m["episodes"] == 3
+    with pytest.raises(ev.EvalError, match="cuda_graph=true needs a CUDA device"):
+        ev.evaluate(compose("eval", common + ["cuda_graph=true", f"out={tmp_path / 'd'}"]))
+
+
 def test_console_command_and_task_mismatch(run_dir, tmp_path, capsys):
     out = tmp_path / "cli"
     exe = Path(sys.executable).with_name("dp-eval")

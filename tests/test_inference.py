@@ -222,3 +222,14 @@ def test_compiled_predictor_equals_predict():
     out = fast.predict(obs, generator=gens(2))
     assert rel(out, policy.predict(obs, generator=gens(2))) < 1e-5
     assert policy.net.sampling_layout == "auto" and policy.net._trunk_compiled is None
+
+
+@pytest.mark.parametrize("method", ["ddim", "ddpm"])
+def test_padding_changes_no_row(method):
+    policy = make_policy(METHODS[method])
+    obs, prefix = obs_batch(2), torch.rand(2, 2, DA)
+    plain = FastPredictor(policy).predict(obs, generator=gens(2), prefix=prefix)
+    padded = FastPredictor(policy, pad_to=5).predict(obs, generator=gens(2), prefix=prefix)
+    assert padded.shape == (2, H, DA) and rel(padded, plain) < 1e-5
+    with pytest.raises(ValueError, match="pad_to must be >= 1"):
+        FastPredictor(policy, pad_to=0)

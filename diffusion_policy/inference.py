@@ -68,8 +68,7 @@ class FastPredictor:
             raise ValueError(f"cuda_graph=True needs the policy on a CUDA device, it is on {self.device}")
         if pad_to is not None and pad_to < 1:
             raise ValueError(f"pad_to must be >= 1 or None, got {pad_to}")
-        self.dtype, self.compiled, self.cuda_graph, self.warmup = dtype, compile, cuda_graph, warmup
-        self.pad_to = pad_to
+        self.cuda_graph, self.warmup, self.pad_to = cuda_graph, warmup, pad_to
         net = policy.net
         if dtype != "fp32" or compile or cuda_graph:
             net = copy.deepcopy(net).to(DTYPES[dtype]).eval().requires_grad_(False)
@@ -87,20 +86,8 @@ class FastPredictor:
                      if dtype != "fp32" else nullcontext())
         self._graphs: dict[tuple, _Graph] = {}
 
-    @property
-    def horizon(self) -> int:
-        return self.policy.horizon
-
-    @property
-    def n_obs_steps(self) -> int:
-        return self.policy.n_obs_steps
-
-    @property
-    def n_action_steps(self) -> int:
-        return self.policy.n_action_steps
-
     def __getattr__(self, name):
-        # the controller and the evaluation read the policy's attributes (obs_keys, action_dim, ...)
+        # the controller and the evaluation read the policy's attributes (horizon, obs_keys, ...)
         if name == "policy":
             raise AttributeError(name)
         return getattr(self.policy, name)

@@ -60,7 +60,7 @@ def test_sampling_path_equals_forward(down_dims, B, horizon):
     net.sampling_layout = "tokens"
     cond = torch.randn(B, 2, 7)
     times = torch.tensor([99.0, 41.0, 0.0])
-    f = net.prepare_sampling(cond, times, horizon)
+    f = net.prepare_sampling(cond, times)
     with torch.no_grad():
         for i in range(3):
             x = torch.randn(B, horizon, DA)

@@ -145,7 +145,7 @@ class DiffusionMethod:
         sched = copy.copy(self.scheduler)
         sched.set_timesteps(n)  # timesteps stay on the CPU: step() indexes CPU tables with them
         t_dev = self._device_timesteps(sched.timesteps, device)
-        f = denoiser(net, cond, t_dev, shape[1])
+        f = denoiser(net, cond, t_dev)
         for i, k in enumerate(sched.timesteps):
             if P:
                 a = float(self.alphas_cumprod[int(k)])
@@ -171,14 +171,14 @@ def initial_noise(shape: tuple[int, int, int], generator, device: torch.device,
     return noise.to(device=device, dtype=torch.float32)
 
 
-def denoiser(net, cond: torch.Tensor, times: list[torch.Tensor], horizon: int | None = None):
+def denoiser(net, cond: torch.Tensor, times: list[torch.Tensor]):
     """The network as ``f(x, i) = net(x, times[i], cond)`` for a sampling loop whose network times
     are ``times`` (one ``(1,)`` device tensor each) and whose condition is fixed. A network with
     ``prepare_sampling(cond, times (S,))`` (the UNet) precomputes what depends on the condition
     and the times alone; any other is called as is."""
     prepare = getattr(net, "prepare_sampling", None)
     if prepare is not None:
-        return prepare(cond, torch.cat(times), horizon)
+        return prepare(cond, torch.cat(times))
     B = cond.shape[0]
     return lambda x, i: net(x, times[i].expand(B), cond)
 

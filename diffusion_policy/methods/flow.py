@@ -90,7 +90,7 @@ class FlowMatching:
         x = initial_noise(shape, generator, cond.device, noise)
         P = check_prefix(prefix, shape)
         eps_prefix = x[:, :P].clone() if P else None
-        f = denoiser(net, cond, self._grid(n, cond.device), shape[1])
+        f = denoiser(net, cond, self._grid(n, cond.device))
         h = -1.0 / n  # dt: time runs from 1 down to 0
 
         def velocity(x: torch.Tensor, j: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -208,11 +208,10 @@ class ConditionalUnet1D(nn.Module):
     # trunk is compiled, else direct (see the module docstring)
     sampling_layout = "auto"
 
-    def prepare_sampling(self, cond: torch.Tensor, times: torch.Tensor, horizon: int | None = None):
+    def prepare_sampling(self, cond: torch.Tensor, times: torch.Tensor):
         """``f(x (B, H, Da), i) -> forward(x, times[i], cond)`` for a sampler that calls the network
         at the S times ``times (S,)`` with one condition (see the module docstring). Everything
-        that depends on the observations or the times alone is computed here, once. ``horizon``:
-        the chunk length H, when the caller knows it (unused by this network)."""
+        that depends on the observations or the times alone is computed here, once."""
         B = cond.shape[0]
         layout = self.sampling_layout
         if layout not in SAMPLING_LAYOUTS:
@@ -229,7 +228,7 @@ class ConditionalUnet1D(nn.Module):
         sinusoid, mlp = self.time_mlp.net[0], self.time_mlp.net[1:]
         t_emb = mlp(sinusoid(times).to(wdtype))  # (S, time_embed_dim), in the weights' dtype
         time_dim = t_emb.shape[1]
-        tables = [blk.film_split(time_dim, t_emb.to(wdtype), cond.to(wdtype)) for blk in self._blocks()]
+        tables = [blk.film_split(time_dim, t_emb, cond.to(wdtype)) for blk in self._blocks()]
         weights = self._cached_sampling_weights()
         index = self._index_cache(len(times), cond.device)
         trunk = self._trunk_compiled or self._trunk

@@ -117,8 +117,7 @@ class FastPredictor:
             prefix = torch.as_tensor(prefix).to(self.device, torch.float32)
         # DDPM draws noise at every step from the caller's generators: such a call runs as
         # Policy.predict does (no graph, no padding rows that would draw from them too)
-        stochastic = getattr(policy.method, "scheduler_name", None) == "ddpm"
-        if stochastic and generator is not None:
+        if policy.method.stochastic and generator is not None:
             return self._run(obs, num_steps, generator, prefix, noise)
         if self.pad_to is not None and B < self.pad_to:
             pad = lambda t: torch.cat([t, t[:1].expand(self.pad_to - B, *t.shape[1:])])  # noqa: E731

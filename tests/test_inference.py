@@ -233,3 +233,11 @@ def test_padding_changes_no_row(method):
     assert padded.shape == (2, H, DA) and rel(padded, plain) < 1e-5
     with pytest.raises(ValueError, match="pad_to must be >= 1"):
         FastPredictor(policy, pad_to=0)
+
+
+def test_methods_say_whether_sampling_draws_noise_after_the_start():
+    from diffusion_policy.methods import build_method
+
+    assert {name: build_method(cfg).stochastic for name, cfg in METHODS.items()} == {
+        "ddim": False, "ddpm": True, "dpmsolver": False, "flow_heun": False}
+    assert build_method(MethodConfig(name="regression")).stochastic is False

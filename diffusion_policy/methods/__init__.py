@@ -1,6 +1,7 @@
 """Methods: how a network becomes a generative model of action chunks. A method knows a network
 only through ``net(x, t, cond)``: ``loss(net, actions, cond)`` and ``sample(net, cond, shape,
-num_steps=None, generator=None, prefix=None)``."""
+num_steps=None, generator=None, prefix=None, noise=None)``; ``stochastic`` says whether sampling
+draws noise after the starting chunk."""
 from __future__ import annotations
 
 from diffusion_policy.config import MethodConfig

@@ -92,6 +92,12 @@ class DiffusionMethod:
             )
         self._time_cache: dict[tuple, list[torch.Tensor]] = {}
 
+    @property
+    def stochastic(self) -> bool:
+        """Whether sampling draws fresh noise at every step (ancestral DDPM), not only at the
+        start (DDIM with eta = 0, DPM-Solver++)."""
+        return self.scheduler_name == "ddpm"
+
     def _check_steps(self, n: int) -> None:
         if n < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {n}")

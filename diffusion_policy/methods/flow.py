@@ -35,6 +35,8 @@ TIME_SCALE = 1000.0  # what the network sees: t * TIME_SCALE
 class FlowMatching:
     """``loss(net, actions, cond)`` and ``sample(net, cond, shape, ...)`` for flow matching."""
 
+    stochastic = False  # sampling draws noise only at the start
+
     def __init__(self, time_dist: str = "beta", integrator: str = "euler", num_inference_steps: int = 10):
         if time_dist not in TIME_DISTS:
             raise ValueError(f"method.time_dist must be one of {TIME_DISTS}, got {time_dist!r}")

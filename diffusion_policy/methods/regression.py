@@ -17,6 +17,7 @@ class Regression:
     """``loss = mse(net(0, 0, cond), actions)``; ``sample`` returns ``net(0, 0, cond)``."""
 
     num_inference_steps = 1
+    stochastic = False  # no noise at all
 
     def loss(self, net, actions: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         zeros = torch.zeros_like(actions)

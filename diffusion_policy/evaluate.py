@@ -113,7 +113,8 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     device = str(resolve_device(cfg.device, local_rank))
     if cfg.cuda_graph and not device.startswith("cuda"):
-        raise EvalError(f"cuda_graph=true needs a CUDA device, the evaluation runs on {device}")
+        raise EvalError(f"cuda_graph=true needs a CUDA device, the evaluation runs on {device}: "
+                        f"set device=cuda, or drop cuda_graph (bf16 and compile work on a CPU)")
     episodes = list(range(rank, cfg.episodes, world))  # this rank's share of the seeds
     seeds = [EVAL_SEED_BASE + cfg.seed + i for i in episodes]
     n_envs = 1 if cfg.checkpoint == "expert" else (cfg.n_envs or default_n_envs(len(episodes)))

@@ -11,6 +11,10 @@ Sampling: the loop is written out (``set_timesteps`` then ``step``), as diffuser
 - ``ddim``: deterministic (eta = 0) DDIM (Song et al. 2021, eq. 12), few steps.
 - ``dpmsolver``: multistep DPM-Solver++ of order 2 (Lu et al. 2022, Alg. 2).
 
+DDIM's step (eta = 0) is written out in closed form (:class:`StepUpdate`, checked against
+diffusers' ``DDIMScheduler.step`` in the tests) so that a network's sampling path can run it in
+the same kernel as its last layer; the other schedulers call diffusers' ``step``.
+
 Inpainting (``prefix``): before every network call the known leading actions are replaced by
 their noised version ``q(x_k | prefix)`` with the same noise the chunk started from, so that their
 trajectory is the one an exact sampler would follow for those values; at the end they are set
@@ -91,6 +95,7 @@ class DiffusionMethod:
                 "squaredcos_cap_v2 or more training timesteps", stacklevel=2,
             )
         self._time_cache: dict[tuple, list[torch.Tensor]] = {}
+        self._update_cache: dict[tuple, StepUpdate] = {}
 
     @property
     def stochastic(self) -> bool:
@@ -134,6 +139,33 @@ class DiffusionMethod:
             self._time_cache[key] = [ts[i : i + 1].clone() for i in range(len(ts))]
         return self._time_cache[key]
 
+    def _ddim_update(self, sched: DDIMScheduler, device: torch.device) -> StepUpdate:
+        """DDIM's step with eta = 0 (Song et al. 2021, eq. 12) for ``sched``'s timesteps as a
+        :class:`StepUpdate`, following diffusers' ``DDIMScheduler.step``: the predicted ``x_0``
+        (clipped when ``clip_sample``) and the predicted noise from the unclipped prediction, then
+        ``x_prev = sqrt(abar_prev) x_0 + sqrt(1 - abar_prev) eps``. Cached per timesteps and
+        device (no host-to-device copy on a repeated call: a CUDA graph can capture it)."""
+        key = (tuple(sched.timesteps.tolist()), str(device))
+        if key not in self._update_cache:
+            T, n = self.num_train_timesteps, sched.num_inference_steps
+            ac = sched.alphas_cumprod.double()
+            clip = float(sched.config.clip_sample_range) if sched.config.clip_sample else float("inf")
+            rows = []
+            for k in sched.timesteps.tolist():
+                prev = k - T // n
+                a = float(ac[k])
+                a_prev = float(ac[prev]) if prev >= 0 else float(sched.final_alpha_cumprod)
+                r, s, r_prev, s_prev = a**0.5, (1 - a) ** 0.5, a_prev**0.5, (1 - a_prev) ** 0.5
+                # x_0 = a0 x + a1 out; eps = e0 x + e1 out; x_prev = r_prev clip(x_0) + s_prev eps
+                a0, a1, e0, e1 = {
+                    "epsilon": (1 / r, -s / r, 0.0, 1.0),
+                    "sample": (0.0, 1.0, 1 / s, -r / s),
+                    "v_prediction": (r, -s, s, r),
+                }[self.prediction_type]
+                rows.append((a0, a1, s_prev * e0, r_prev, s_prev * e1, clip))
+            self._update_cache[key] = StepUpdate(rows, device)
+        return self._update_cache[key]
+
     @torch.no_grad()
     def sample(self, net, cond: torch.Tensor, shape: tuple[int, int, int], num_steps: int | None = None,
                generator: torch.Generator | list | None = None, prefix: torch.Tensor | None = None,
@@ -151,14 +183,17 @@ class DiffusionMethod:
         sched = copy.copy(self.scheduler)
         sched.set_timesteps(n)  # timesteps stay on the CPU: step() indexes CPU tables with them
         t_dev = self._device_timesteps(sched.timesteps, device)
-        f = denoiser(net, cond, t_dev)
+        update = self._ddim_update(sched, device) if self.scheduler_name == "ddim" else None
+        f = denoiser(net, cond, t_dev, update)  # with an update, f returns the next x
         for i, k in enumerate(sched.timesteps):
             if P:
                 a = float(self.alphas_cumprod[int(k)])
                 known = a**0.5 * prefix + (1.0 - a) ** 0.5 * noise_prefix  # q(x_k | prefix), eq. 4
                 x = torch.cat([known.to(x.dtype), x[:, P:]], dim=1)
-            out = f(x, i).to(x.dtype)
-            x = sched.step(out, k, x, generator=generator).prev_sample
+            if update is not None:
+                x = f(x, i)
+            else:
+                x = sched.step(f(x, i).to(x.dtype), k, x, generator=generator).prev_sample
         if P:
             x = torch.cat([prefix.to(x.dtype), x[:, P:]], dim=1)
         return x
@@ -177,16 +212,44 @@ def initial_noise(shape: tuple[int, int, int], generator, device: torch.device,
     return noise.to(device=device, dtype=torch.float32)
 
 
-def denoiser(net, cond: torch.Tensor, times: list[torch.Tensor]):
+class StepUpdate:
+    """A sampler step that is a fixed function of the chunk ``x`` and the network's output at
+    each step ``i``: ``x_next = cx x + c0 clamp(a0 x + a1 out, -clip, clip) + co out``, one row
+    ``(a0, a1, cx, c0, co, clip)`` per step. DDIM with eta = 0 (every prediction type, clipped or
+    not) and the Euler step of flow matching have this form. A network's sampling path that is
+    given one runs it right after its last layer (in the same compiled or fused kernel)."""
+
+    def __init__(self, rows: list[tuple[float, ...]], device: torch.device):
+        self.rows = [tuple(float(v) for v in r) for r in rows]
+        if any(len(r) != 6 for r in self.rows):
+            raise ValueError("each StepUpdate row is (a0, a1, cx, c0, co, clip)")
+        self.table = torch.tensor(self.rows, dtype=torch.float32, device=device)  # (S, 6)
+
+    @staticmethod
+    def apply_row(x: torch.Tensor, out: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        """The update with coefficients ``row`` (a ``(6,)`` or ``(1, 6)`` tensor), float32."""
+        a0, a1, cx, c0, co, clip = row.reshape(6, 1, 1, 1).float()
+        x, out = x.float(), out.float()
+        return cx * x + c0 * torch.clamp(a0 * x + a1 * out, -clip, clip) + co * out
+
+    def apply(self, x: torch.Tensor, out: torch.Tensor, i: int) -> torch.Tensor:
+        return self.apply_row(x, out, self.table[i])
+
+
+def denoiser(net, cond: torch.Tensor, times: list[torch.Tensor], update: StepUpdate | None = None):
     """The network as ``f(x, i) = net(x, times[i], cond)`` for a sampling loop whose network times
-    are ``times`` (one ``(1,)`` device tensor each) and whose condition is fixed. A network with
-    ``prepare_sampling(cond, times (S,))`` (the UNet) precomputes what depends on the condition
-    and the times alone; any other is called as is."""
+    are ``times`` (one ``(1,)`` device tensor each) and whose condition is fixed; with ``update``,
+    ``f`` returns the next chunk ``update.apply(x, net(...), i)`` instead. A network with
+    ``prepare_sampling(cond, times (S,), update)`` (the UNet) precomputes what depends on the
+    condition and the times alone and runs the update with its last layer; any other is called
+    as is."""
     prepare = getattr(net, "prepare_sampling", None)
     if prepare is not None:
-        return prepare(cond, torch.cat(times))
+        return prepare(cond, torch.cat(times), update)
     B = cond.shape[0]
-    return lambda x, i: net(x, times[i].expand(B), cond)
+    if update is None:
+        return lambda x, i: net(x, times[i].expand(B), cond)
+    return lambda x, i: update.apply(x, net(x, times[i].expand(B), cond), i)
 
 
 def check_prefix(prefix: torch.Tensor | None, shape: tuple[int, int, int]) -> int:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from diffusion_policy.methods.diffusion import check_prefix, denoiser, initial_noise
+from diffusion_policy.methods.diffusion import StepUpdate, check_prefix, denoiser, initial_noise
 
 TIME_DISTS = ("uniform", "logit_normal", "beta")
 INTEGRATORS = ("euler", "midpoint", "heun")
@@ -48,6 +48,7 @@ class FlowMatching:
         self.integrator = integrator
         self.num_inference_steps = num_inference_steps
         self._time_cache: dict[tuple[int, str], list[torch.Tensor]] = {}
+        self._update_cache: dict[tuple[int, str], StepUpdate] = {}
 
     # ------------------------------------------------------------------------------- training
     def sample_time(self, batch: int, device: torch.device) -> torch.Tensor:
@@ -80,6 +81,15 @@ class FlowMatching:
             self._time_cache[key] = [grid[j : j + 1].clone() for j in range(2 * n + 1)]
         return self._time_cache[key]
 
+    def _euler_update(self, n: int, device: torch.device) -> StepUpdate:
+        """The Euler step ``x + h v`` (h = -1/n) as a :class:`StepUpdate` with a row for every
+        grid entry, cached per (n, device)."""
+        key = (n, str(device))
+        if key not in self._update_cache:
+            row = (0.0, 0.0, 1.0, 0.0, -1.0 / n, float("inf"))
+            self._update_cache[key] = StepUpdate([row] * (2 * n + 1), device)
+        return self._update_cache[key]
+
     @torch.no_grad()
     def sample(self, net, cond: torch.Tensor, shape: tuple[int, int, int], num_steps: int | None = None,
                generator: torch.Generator | list | None = None, prefix: torch.Tensor | None = None,
@@ -92,32 +102,41 @@ class FlowMatching:
         x = initial_noise(shape, generator, cond.device, noise)
         P = check_prefix(prefix, shape)
         eps_prefix = x[:, :P].clone() if P else None
-        f = denoiser(net, cond, self._grid(n, cond.device))
         h = -1.0 / n  # dt: time runs from 1 down to 0
+        grid = self._grid(n, cond.device)
 
-        def velocity(x: torch.Tensor, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-            """``(v, x)`` at grid entry j (t = 1 - j / (2n)); ``x`` with the known prefix put on its
-            path first."""
-            if P:
-                t = 1.0 - j / (2 * n)
-                known = t * eps_prefix + (1.0 - t) * prefix
-                x = torch.cat([known.to(x.dtype), x[:, P:]], dim=1)
-            return f(x, j).to(x.dtype), x
+        def put_prefix(x: torch.Tensor, j: int) -> torch.Tensor:
+            """``x`` with the known prefix put on its path at grid entry j (t = 1 - j / (2n))."""
+            if not P:
+                return x
+            t = 1.0 - j / (2 * n)
+            known = t * eps_prefix + (1.0 - t) * prefix
+            return torch.cat([known.to(x.dtype), x[:, P:]], dim=1)
 
-        for i in range(n):
-            j = 2 * i  # grid index of the current time
-            if self.integrator == "euler":
-                v, x = velocity(x, j)
-                x = x + h * v
-            elif self.integrator == "midpoint":
-                v, x = velocity(x, j)
-                v_mid, _ = velocity(x + 0.5 * h * v, j + 1)
-                x = x + h * v_mid
-            else:  # heun: trapezoid on the Euler prediction (Karras et al. 2022, Alg. 1)
-                v, x = velocity(x, j)
-                x_pred = x + h * v
-                v_next, _ = velocity(x_pred, j + 2)
-                x = x + 0.5 * h * (v + v_next)
+        if self.integrator == "euler":
+            # x + h v as a StepUpdate: the network's sampling path runs it after its last layer
+            f = denoiser(net, cond, grid, self._euler_update(n, cond.device))
+            for i in range(n):
+                x = f(put_prefix(x, 2 * i), 2 * i)
+        else:
+            f = denoiser(net, cond, grid)
+
+            def velocity(x: torch.Tensor, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+                """``(v, x)`` at grid entry j, ``x`` with the known prefix put on its path first."""
+                x = put_prefix(x, j)
+                return f(x, j).to(x.dtype), x
+
+            for i in range(n):
+                j = 2 * i  # grid index of the current time
+                if self.integrator == "midpoint":
+                    v, x = velocity(x, j)
+                    v_mid, _ = velocity(x + 0.5 * h * v, j + 1)
+                    x = x + h * v_mid
+                else:  # heun: trapezoid on the Euler prediction (Karras et al. 2022, Alg. 1)
+                    v, x = velocity(x, j)
+                    x_pred = x + h * v
+                    v_next, _ = velocity(x_pred, j + 2)
+                    x = x + 0.5 * h * (v + v_next)
         if P:
             x = torch.cat([prefix.to(x.dtype), x[:, P:]], dim=1)
         return x

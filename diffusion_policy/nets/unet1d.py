@@ -38,9 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffusion_policy.methods.diffusion import StepUpdate
 from diffusion_policy.nets.time_embedding import TimeMLP, broadcast_time
 
-SAMPLING_LAYOUTS = ("auto", "tokens", "direct")
+SAMPLING_LAYOUTS = ("auto", "tokens", "fused", "direct")
 
 
 class ConvBlock(nn.Module):
@@ -204,14 +205,17 @@ class ConditionalUnet1D(nn.Module):
         return ([b for level in self.downs for b in level[:2]] + list(self.mids)
                 + [b for level in self.ups for b in level[:2]])
 
-    # "tokens" (the sampling path), "direct" (forward at every step), "auto": tokens when the
-    # trunk is compiled, else direct (see the module docstring)
+    # "tokens" (the sampling path), "fused" (the sampling path as one Triton kernel per
+    # convolution, diffusion_policy.nets.fused_unet; CUDA), "direct" (forward at every step),
+    # "auto": tokens when the trunk is compiled, else direct (see the module docstring)
     sampling_layout = "auto"
 
-    def prepare_sampling(self, cond: torch.Tensor, times: torch.Tensor):
+    def prepare_sampling(self, cond: torch.Tensor, times: torch.Tensor, update=None):
         """``f(x (B, H, Da), i) -> forward(x, times[i], cond)`` for a sampler that calls the network
         at the S times ``times (S,)`` with one condition (see the module docstring). Everything
-        that depends on the observations or the times alone is computed here, once."""
+        that depends on the observations or the times alone is computed here, once. With
+        ``update`` (a :class:`~diffusion_policy.methods.diffusion.StepUpdate`), ``f`` returns the
+        sampler's next chunk ``update.apply(x, forward(...), i)``, computed with the last layer."""
         B = cond.shape[0]
         layout = self.sampling_layout
         if layout not in SAMPLING_LAYOUTS:
@@ -219,7 +223,13 @@ class ConditionalUnet1D(nn.Module):
         if layout == "auto":
             layout = "direct" if self._trunk_compiled is None else "tokens"
         if layout == "direct":
-            return lambda x, i: self(x, times[i : i + 1].expand(B), cond)
+            if update is None:
+                return lambda x, i: self(x, times[i : i + 1].expand(B), cond)
+            return lambda x, i: update.apply(x, self(x, times[i : i + 1].expand(B), cond), i)
+        if layout == "fused":
+            from diffusion_policy.nets.fused_unet import fused_sampler
+
+            return fused_sampler(self).prepare(cond, times, update)
         cond = cond.reshape(B, -1)
         if cond.shape[1] != self.cond_dim:
             raise ValueError(f"cond flattens to {cond.shape[1]} features, expected {self.cond_dim}")
@@ -232,11 +242,12 @@ class ConditionalUnet1D(nn.Module):
         weights = self._cached_sampling_weights()
         index = self._index_cache(len(times), cond.device)
         trunk = self._trunk_compiled or self._trunk
+        coefs = None if update is None else update.table.to(cond.device)
 
         def f(x: torch.Tensor, i: int) -> torch.Tensor:
             if x.shape[0] != B:
                 raise ValueError(f"x has batch {x.shape[0]}, the condition has {B}")
-            return trunk(x, index[i], tables, weights)
+            return trunk(x, index[i], tables, weights, coefs)
 
         return f
 
@@ -277,8 +288,10 @@ class ConditionalUnet1D(nn.Module):
             cache[key] = [torch.full((1,), i, dtype=torch.long, device=device) for i in range(n)]
         return cache[key]
 
-    def _trunk(self, x: torch.Tensor, index: torch.Tensor, tables: list, weights: dict) -> torch.Tensor:
-        """One network call of the sampling path: ``x (B, H, Da)`` -> ``(B, H, Da)`` float32."""
+    def _trunk(self, x: torch.Tensor, index: torch.Tensor, tables: list, weights: dict,
+               coefs: torch.Tensor | None = None) -> torch.Tensor:
+        """One network call of the sampling path: ``x (B, H, Da)`` -> ``(B, H, Da)`` float32; with
+        ``coefs`` (a StepUpdate's table) the sampler's next chunk instead of the output."""
         B, H, Da = x.shape
         if Da != self.action_dim or H % self.downsample_factor != 0:
             raise ValueError(f"x has shape {tuple(x.shape)}: expected {self.action_dim} action dims and H "
@@ -302,7 +315,8 @@ class ConditionalUnet1D(nn.Module):
             h = res2.tokens(h, next(films), next(blocks))
             h = upsample_taps(mm(h, w), up.bias)
         h = self.final[0].tokens(h, weights["final"])
-        return conv_tokens(h, self.final[1])
+        out = conv_tokens(h, self.final[1])
+        return out if coefs is None else StepUpdate.apply_row(x, out, coefs.index_select(0, index))
 
 
 # ---------------------------------------------------------------- (B, L, C) building blocks

@@ -17,6 +17,8 @@ Modes (``--modes``; on CPU only ``direct``, ``eager`` and ``compile`` apply):
 - ``graph``: :class:`FastPredictor` without compile, the whole ``predict`` captured in one CUDA
   graph per shape (static inputs; a call copies the observation and noise in and replays).
 - ``compile+graph``: both (what a robot's control loop should use on a GPU).
+- ``fused+graph``: :class:`FastPredictor` with ``fused=True`` (the UNet's sampling path as one
+  Triton kernel per convolution, the sampler's step in the last one) in a CUDA graph.
 - ``autotune+graph``: as ``compile+graph`` with inductor's ``max-autotune-no-cudagraphs`` mode
   (benchmarks candidate matrix-product kernels while compiling).
 On CUDA every mode runs in fp32 and in bf16 (a bf16 copy of the denoiser; GroupNorm statistics
@@ -111,7 +113,8 @@ def get_predictor(policy, cache: dict, mode: str, dtype_name: str):
             cache[key] = policy
         else:
             compiled = ("max-autotune-no-cudagraphs" if "autotune" in mode else "compile" in mode)
-            cache[key] = FastPredictor(policy, dtype=dtype_name, compile=compiled, cuda_graph="graph" in mode)
+            cache[key] = FastPredictor(policy, dtype=dtype_name, compile=compiled, cuda_graph="graph" in mode,
+                                       fused="fused" in mode)
     pred = cache[key]
     if isinstance(pred, FastPredictor):
         pred.reset()  # the sampler changed: capture again
@@ -157,7 +160,7 @@ def main() -> None:
     p.add_argument("--preset", choices=list(PRESETS), default="default")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (CPU runs)")
     p.add_argument("--samplers", nargs="+", choices=list(SAMPLERS), default=list(SAMPLERS))
-    p.add_argument("--modes", nargs="+", default=None, choices=["direct", "eager", "compile", "graph", "compile+graph", "autotune+graph"],
+    p.add_argument("--modes", nargs="+", default=None, choices=["direct", "eager", "compile", "graph", "compile+graph", "fused+graph", "autotune+graph"],
                    help="direct eager compile graph compile+graph (default: direct and eager on CPU, all on CUDA)")
     p.add_argument("--batch", nargs="+", type=int, default=[1], help="batch sizes (chunks per call)")
     p.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=None,

@@ -52,10 +52,13 @@ class FastPredictor:
     (copies of the first row) and the padding dropped from the result, so that one compiled
     shape and one graph serve every batch size up to it (e.g. an evaluation whose environments
     finish at different times); rows do not interact, so padding changes no row's chunk.
+    ``fused``: run the UNet's sampling path as one Triton kernel per convolution
+    (``diffusion_policy.nets.fused_unet``; CUDA, instead of ``compile``; the first call of a
+    shape compiles the kernels: seconds).
     """
 
     def __init__(self, policy, dtype: str = "fp32", compile: bool | str = False, cuda_graph: bool | None = None,
-                 warmup: int = 3, pad_to: int | None = None):
+                 warmup: int = 3, pad_to: int | None = None, fused: bool = False):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
         if isinstance(compile, str) and compile not in COMPILE_MODES:
@@ -66,13 +69,22 @@ class FastPredictor:
             cuda_graph = self.device.type == "cuda"
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the policy on a CUDA device, it is on {self.device}")
+        if fused:
+            if not hasattr(policy.net, "sampling_layout"):
+                raise ValueError(f"fused=True needs the UNet; the policy's network is {type(policy.net).__name__}")
+            if self.device.type != "cuda":
+                raise ValueError(f"fused=True runs Triton kernels on CUDA; the policy is on {self.device}")
+            if compile:
+                raise ValueError("fused=True replaces compile for the UNet: pass one of them")
         if pad_to is not None and pad_to < 1:
             raise ValueError(f"pad_to must be >= 1 or None, got {pad_to}")
         self.cuda_graph, self.warmup, self.pad_to = cuda_graph, warmup, pad_to
         net = policy.net
-        if dtype != "fp32" or compile or cuda_graph:
+        if dtype != "fp32" or compile or cuda_graph or fused:
             net = copy.deepcopy(net).to(DTYPES[dtype]).eval().requires_grad_(False)
-            if hasattr(net, "sampling_layout") and (compile or cuda_graph):
+            if fused:
+                net.sampling_layout = "fused"
+            elif hasattr(net, "sampling_layout") and (compile or cuda_graph):
                 net.sampling_layout = "tokens"  # fused (compile) or launched together (graph)
         if compile:
             kw = {"dynamic": False, "mode": None if compile is True else compile}

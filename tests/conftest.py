@@ -3,6 +3,10 @@ import os
 import warnings
 
 os.environ.setdefault("MUJOCO_GL", "egl")
+# Without a GPU, Triton kernels (the fused sampling path) run in Triton's interpreter. It must be
+# chosen before triton is first imported: triton.language's own helpers are decorated then.
+if not os.path.exists("/dev/nvidiactl") and "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 

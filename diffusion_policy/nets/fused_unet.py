@@ -1,0 +1,301 @@
+"""The UNet's sampling path as one Triton kernel per convolution (``sampling_layout="fused"``).
+
+The compiled sampling path (``ConditionalUnet1D.prepare_sampling`` with ``compile_sampling``) runs
+about 60 kernels per network call at batch 1: a matrix product per convolution, then a kernel for
+its shifted sum, GroupNorm, Mish, FiLM and residual add, then the sampler's update. Each costs a
+few microseconds of launch and latency, far more than its arithmetic. Here a convolution is one
+kernel (``diffusion_policy.nets.fused_kernels``): the work that follows a convolution (GroupNorm
+with statistics its producer already reduced per tile, Mish, FiLM, the residual) runs while the
+*next* convolution loads its input, and the sampler's step runs in the last layer's epilogue.
+A network call is then one kernel per convolution: 30 for the default UNet.
+
+:class:`FusedUnet` walks the network once per horizon (as ``_trunk`` does) and records each
+convolution's launch: which buffer it reads, how that input is finished, which buffers it writes.
+The weights are rearranged once per tile of 16 output channels into contiguous slabs (kept until
+a parameter changes, like the sampling path's cache). It needs CUDA and Triton (the tests run it
+in Triton's CPU interpreter), GroupNorm groups of a multiple of 16 channels, and the UNet's own
+layer shapes; :func:`fused_sampler` says what does not fit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BN = 16  # output channels per program (the smallest tile of a tensor-core product)
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, 1 << max(0, (n - 1).bit_length()))
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+@dataclass
+class _Act:
+    """The running activation: buffer ``buf`` ``(B, L, C)``; ``norm`` when it is the raw output of
+    a convolution still to be finished by its consumer: ``(stats buffer, GroupNorm, FiLM block
+    index or None, residual buffer or None)``; ``mat``: a buffer that the consumer writes the
+    finished activation to (a skip connection needs it later)."""
+    buf: str
+    L: int
+    C: int
+    norm: tuple | None = None
+    mat: str | None = None
+
+
+@dataclass
+class _Launch:
+    a: _Act
+    b: str | None  # a second input concatenated after ``a`` (an up level's skip connection)
+    CB: int
+    w: torch.Tensor  # (NT, KT, CA_PAD + CB_PAD, BN)
+    bias: torch.Tensor  # (NT * BN,) float32
+    KT: int
+    stride: int
+    pad: int
+    transposed: bool
+    out: str
+    L_out: int
+    O: int
+    stats: str | None = None
+    ws: torch.Tensor | None = None  # the 1x1 skip convolution: (NTS, 1, CA_PAD + CB_PAD, BN)
+    bs: torch.Tensor | None = None
+    skip_out: str | None = None
+    update: bool = False
+    consts: dict = field(default_factory=dict)
+
+
+def _tiles(w: torch.Tensor, parts: list[tuple[int, int]], dtype: torch.dtype) -> torch.Tensor:
+    """A convolution weight ``(O, C, k)`` as ``(NT, k, C_PAD, BN)`` slabs: output tile ``nt`` reads
+    one contiguous block. ``parts``: the input channels' ``(count, padded count)`` per input."""
+    O, C, k = w.shape
+    wt = w.permute(2, 1, 0)  # (k, C, O)
+    chunks, start = [], 0
+    for count, padded in parts:
+        chunks.append(F.pad(wt[:, start : start + count], (0, 0, 0, padded - count)))
+        start += count
+    wt = F.pad(torch.cat(chunks, dim=1), (0, _round_up(O, BN) - O))  # (k, C_PAD, NT * BN)
+    return wt.unflatten(2, (-1, BN)).permute(2, 0, 1, 3).contiguous().to(dtype)
+
+
+def _bias(b: torch.Tensor | None, O: int) -> torch.Tensor:
+    b = torch.zeros(O) if b is None else b.detach().float()
+    return F.pad(b, (0, _round_up(O, BN) - O)).contiguous()
+
+
+class FusedUnet:
+    """Plans and runs the fused sampling path of one :class:`ConditionalUnet1D`."""
+
+    def __init__(self, net):
+        self.net = net
+        self.dtype = net.final[1].weight.dtype
+        self.device = net.final[1].weight.device
+        blocks = net._blocks()
+        for gn in [m for m in net.modules() if isinstance(m, nn.GroupNorm)]:
+            cg = gn.num_channels // gn.num_groups
+            if cg % BN:
+                raise ValueError(f"the fused sampling path needs GroupNorm groups of a multiple of {BN} "
+                                 f"channels; this UNet has groups of {cg} ({gn.num_channels} channels in "
+                                 f"{gn.num_groups} groups): use sampling_layout='tokens'")
+        # every block's FiLM linear, concatenated: one product per chunk for the time table and
+        # one for the observation part
+        lin = [blk.film[1] for blk in blocks]
+        w_all = torch.cat([l.weight for l in lin]).detach()
+        self.time_dim = w_all.shape[1] - net.cond_dim
+        self.film_wt = w_all[:, : self.time_dim].contiguous()
+        self.film_wc = w_all[:, self.time_dim :].contiguous()
+        self.film_b = torch.cat([l.bias for l in lin]).detach()
+        self.film_offsets = [0]
+        for l in lin:
+            self.film_offsets.append(self.film_offsets[-1] + l.out_features)
+        # GroupNorm's affine parameters in float32 (the kernel's arithmetic)
+        self._gn = {id(m): (m.weight.detach().float().contiguous(), m.bias.detach().float().contiguous())
+                    for m in net.modules() if isinstance(m, nn.GroupNorm)}
+        self._plans: dict[int, tuple[list[_Launch], dict]] = {}
+
+    # ---------------------------------------------------------------------------- planning
+    def _plan(self, H: int) -> tuple[list[_Launch], dict]:
+        """The launches for horizon ``H`` and the buffers they use (name -> shape after ``B``)."""
+        if H not in self._plans:
+            self._launches: list[_Launch] = []
+            self._shapes: dict[str, tuple[int, ...]] = {}
+            self._walk(H)
+            self._plans[H] = (self._launches, self._shapes)
+        return self._plans[H]
+
+    def _buffer(self, name: str, *shape: int) -> str:
+        name = f"{name}{len(self._shapes)}"
+        self._shapes[name] = shape
+        return name
+
+    def _materialize(self, h: _Act) -> str:
+        """The buffer holding ``h`` finished (written by ``h``'s consumer when ``h`` is pending)."""
+        if h.norm is None:
+            return h.buf
+        if h.mat is None:
+            h.mat = self._buffer("act", h.L, h.C)
+        return h.mat
+
+    def _conv(self, conv: nn.Module, h: _Act, *, extra: _Act | None = None, gn: nn.GroupNorm | None = None,
+              skip: nn.Conv1d | None = None, update: bool = False) -> tuple[_Launch, _Act]:
+        transposed = isinstance(conv, nn.ConvTranspose1d)
+        k, stride, pad = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+        w = conv.weight.detach()
+        if transposed:
+            if conv.output_padding[0] != 0 or conv.dilation[0] != 1:
+                raise ValueError("the fused sampling path handles ConvTranspose1d without output padding only")
+            w = w.transpose(0, 1)  # (C, O, k) -> (O, C, k)
+            L_out = (h.L - 1) * stride - 2 * pad + k
+        else:
+            if conv.dilation[0] != 1 or conv.groups != 1:
+                raise ValueError("the fused sampling path handles plain Conv1d layers only")
+            L_out = (h.L + 2 * pad - k) // stride + 1
+        O = w.shape[0]
+        CA, CB = h.C, (extra.C if extra is not None else 0)
+        if h.norm is not None:
+            cg = h.norm[1].num_channels // h.norm[1].num_groups
+            BK = min(64, cg)
+        else:
+            BK = min(64, _pow2(CA))
+            while CA % BK and BK > 16:
+                BK //= 2
+        parts = [(CA, _round_up(CA, BK)), (CB, _round_up(CB, BK))]
+        L = max(h.L, L_out)
+        launch = _Launch(
+            a=h, b=None if extra is None else self._materialize(extra), CB=CB,
+            w=_tiles(w, parts, self.dtype), bias=_bias(conv.bias, O), KT=k, stride=stride, pad=pad,
+            transposed=transposed, out=self._buffer("raw", L_out, O), L_out=L_out, O=O, update=update)
+        if gn is not None:
+            launch.stats = self._buffer("stats", -(-O // BN), 2)
+        if skip is not None:
+            launch.ws = _tiles(skip.weight.detach(), parts, self.dtype)
+            launch.bs = _bias(skip.bias, O)
+            launch.skip_out = self._buffer("skip", h.L, O)
+        shift = not (k == 1 and stride == 1 and pad == 0 and not transposed)
+        cg_in = h.norm[1].num_channels // h.norm[1].num_groups if h.norm is not None else BN
+        launch.consts = dict(
+            CA=CA, CB=CB, CA_PAD=parts[0][1], CB_PAD=parts[1][1], O=O, NORM=h.norm is not None,
+            FILM=h.norm is not None and h.norm[2] is not None, RES=h.norm is not None and h.norm[3] is not None,
+            HAS_B=extra is not None, HAS_SKIP=skip is not None, STATS=gn is not None,
+            KT=k, STRIDE=stride, PAD=pad, TRANSPOSED=transposed, SHIFT=shift, CG=cg_in,
+            NTPG=max(1, cg_in // BN), BM=_pow2(L), BK=BK, BN=BN, IEEE=self.dtype == torch.float32)
+        self._launches.append(launch)
+        out = _Act(launch.out, L_out, O)
+        if gn is not None:
+            out.norm = (launch.stats, gn, None, None)
+        return launch, out
+
+    def _block(self, blk, h: _Act, film: int, extra: _Act | None = None) -> _Act:
+        """One FiLM residual block: two launches; returns its output, pending (finished by the
+        next convolution)."""
+        (conv1, gn1, _), (conv2, gn2, _) = blk.conv1.block, blk.conv2.block
+        if isinstance(blk.skip, nn.Identity):
+            if extra is not None:
+                raise ValueError("a block with a concatenated input needs a 1x1 skip convolution")
+            residual = self._materialize(h)
+            launch, a = self._conv(conv1, h, gn=gn1)
+        else:
+            launch, a = self._conv(conv1, h, extra=extra, gn=gn1, skip=blk.skip)
+            residual = launch.skip_out
+        a.norm = (a.norm[0], gn1, film, None)
+        _, out = self._conv(conv2, a, gn=gn2)
+        out.norm = (out.norm[0], gn2, None, residual)
+        return out
+
+    def _walk(self, H: int) -> None:
+        net = self.net
+        h = _Act("x", H, net.action_dim)
+        films = iter(range(len(self.film_offsets) - 1))
+        skips = []
+        n_skips = len(net.ups)
+        for li, (res1, res2, down) in enumerate(net.downs):
+            h = self._block(res1, h, next(films))
+            h = self._block(res2, h, next(films))
+            if li >= len(net.downs) - n_skips:  # an up level concatenates this output
+                skips.append(_Act(self._materialize(h), h.L, h.C))
+            if not isinstance(down, nn.Identity):
+                _, h = self._conv(down, h)
+        for res in net.mids:
+            h = self._block(res, h, next(films))
+        for res1, res2, up in net.ups:
+            h = self._block(res1, h, next(films), extra=skips.pop())
+            h = self._block(res2, h, next(films))
+            _, h = self._conv(up, h)
+        (conv, gn, _) = net.final[0].block
+        _, h = self._conv(conv, h, gn=gn)
+        self._conv(net.final[1], h, update=True)
+
+    # ----------------------------------------------------------------------------- running
+    def prepare(self, cond: torch.Tensor, times: torch.Tensor, update=None):
+        """As ``ConditionalUnet1D.prepare_sampling``: ``f(x, i)`` -> the network's output at
+        ``times[i]``, or the sampler's next chunk with ``update``."""
+        from diffusion_policy.nets.fused_kernels import conv_kernel
+
+        net = self.net
+        B = cond.shape[0]
+        cond = cond.reshape(B, -1)
+        if cond.shape[1] != net.cond_dim:
+            raise ValueError(f"cond flattens to {cond.shape[1]} features, expected {net.cond_dim}")
+        times = times.reshape(-1).to(cond.device, torch.float32)
+        sinusoid, mlp = net.time_mlp.net[0], net.time_mlp.net[1:]
+        t_emb = mlp(sinusoid(times).to(self.dtype))
+        film_t = (F.mish(t_emb) @ self.film_wt.t()).float().contiguous()  # (S, sum 2C)
+        film_p = F.linear(F.mish(cond.to(self.dtype)), self.film_wc, self.film_b).float().contiguous()
+        film_w = film_t.shape[1]
+        dev = cond.device
+        rows = None if update is None else update.rows
+        state: dict = {}  # horizon -> (launches, buffers): made on the first call, reused by every step
+
+        def f(x: torch.Tensor, i: int) -> torch.Tensor:
+            if x.ndim != 3 or x.shape[0] != B or x.shape[2] != net.action_dim:
+                raise ValueError(f"x has shape {tuple(x.shape)}, expected ({B}, H, {net.action_dim})")
+            H = x.shape[1]
+            if H % net.downsample_factor:
+                raise ValueError(f"horizon H={H} must be divisible by {net.downsample_factor}")
+            if H not in state:
+                launches, shapes = self._plan(H)
+                state[H] = launches, {n: torch.empty((B, *s), device=dev) for n, s in shapes.items()}
+            launches, bufs = state[H]
+            bufs["x"] = x = x.float().contiguous()
+            out = torch.empty_like(x)  # the result is the caller's: a fresh tensor every call
+            bufs[launches[-1].out] = out
+            u = rows[i] if rows is not None else None
+            for ln in launches:
+                self._launch(conv_kernel, ln, bufs, B, i, u, film_t, film_p)
+            return out
+
+        return f
+
+    def _launch(self, kernel, ln: _Launch, bufs: dict, B: int, i: int, u, film_t, film_p) -> None:
+        """Run one launch at step ``i``; ``u``: the sampler's update row (for the last layer) or None."""
+        a = ln.a
+        stats, gn, film, res = a.norm if a.norm is not None else (None, None, None, None)
+        gamma, beta = self._gn[id(gn)] if gn is not None else (ln.bias, ln.bias)
+        nt = ln.w.shape[0]
+        nts = 0 if ln.ws is None else ln.ws.shape[0]
+        out = bufs[ln.out]
+        kernel[(B, nt + nts)](
+            bufs[a.buf], bufs[stats] if stats else out, gamma, beta, float(gn.eps) if gn is not None else 0.0,
+            float(a.L * BN), bufs[stats].shape[1] if stats else 0,
+            film_t, film_p, film_t.shape[1], self.film_offsets[film] if film is not None else 0, i,
+            bufs[res] if res else out, bufs[a.mat] if a.mat else out,
+            bufs[ln.b] if ln.b else out, ln.w, ln.bias,
+            ln.ws if ln.ws is not None else ln.w, ln.bs if ln.bs is not None else ln.bias,
+            out, bufs[ln.stats] if ln.stats else out, bufs[ln.skip_out] if ln.skip_out else out,
+            bufs["x"], *(u or (0.0,) * 6), a.L, ln.L_out, nt,
+            MAT=a.mat is not None, UPDATE=ln.update and u is not None, **ln.consts, num_warps=4)
+
+
+def fused_sampler(net) -> FusedUnet:
+    """The :class:`FusedUnet` of ``net``, rebuilt when a parameter changed (storage or version)."""
+    key = tuple((p.data_ptr(), p._version, p.dtype, str(p.device)) for p in net.parameters())
+    cached = net.__dict__.get("_fused_cache")
+    if cached is None or cached[0] != key:
+        cached = (key, FusedUnet(net))
+        net.__dict__["_fused_cache"] = cached
+    return cached[1]

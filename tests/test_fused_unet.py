@@ -1,0 +1,95 @@
+"""The fused sampling path (one Triton kernel per convolution) computes the UNet's forward.
+
+On the CPU the kernels run in Triton's interpreter (slow: seconds per network call, so the
+networks are small and the calls few) with float32 weights (the interpreter has no bfloat16);
+with CUDA the same checks run compiled, and bf16 within bf16 tolerance.
+"""
+import copy
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from diffusion_policy.methods import DiffusionMethod, FlowMatching  # noqa: E402
+from diffusion_policy.nets.unet1d import ConditionalUnet1D  # noqa: E402
+
+DA, TO, F = 2, 2, 5
+
+
+@pytest.fixture(scope="module")
+def device():
+    """CUDA when there is one (compiled kernels), else the CPU through Triton's interpreter
+    (conftest.py turns it on before triton is imported)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no CUDA and Triton's interpreter is off (TRITON_INTERPRET)")
+    return torch.device("cpu")
+
+
+def small_unet(device, down_dims=(32, 64, 128), n_groups=2) -> ConditionalUnet1D:
+    torch.manual_seed(0)
+    net = ConditionalUnet1D(DA, TO * F, down_dims=list(down_dims), n_groups=n_groups, time_embed_dim=32)
+    for m in net.modules():  # GroupNorm's affine away from (1, 0), so that it is checked
+        if isinstance(m, torch.nn.GroupNorm):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    return net.to(device).eval().requires_grad_(False)
+
+
+def test_fused_path_equals_forward(device):
+    net = small_unet(device)
+    B, H = 2, 16
+    cond, x = torch.randn(B, TO, F, device=device), torch.randn(B, H, DA, device=device)
+    times = torch.tensor([999.0, 37.0], device=device)
+    net.sampling_layout = "fused"
+    f = net.prepare_sampling(cond, times)
+    for i in range(2):  # the FiLM row of each step
+        want = net(x, times[i : i + 1].expand(B), cond)
+        torch.testing.assert_close(f(x, i), want, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_path_runs_the_sampler_step_and_a_prefix(device):
+    """DDIM through the method: the update in the last kernel, a known prefix inpainted."""
+    net = small_unet(device, down_dims=(32, 64), n_groups=2)
+    B, H = 1, 8
+    method = DiffusionMethod("ddim", clip_sample=True)
+    cond = torch.randn(B, TO, F, device=device)
+    noise = torch.randn(B, H, DA, device=device)
+    prefix = torch.randn(B, 3, DA, device=device)
+    chunks = {}
+    for layout in ("direct", "fused"):
+        net.sampling_layout = layout
+        chunks[layout] = method.sample(net, cond, (B, H, DA), num_steps=2, noise=noise, prefix=prefix)
+    torch.testing.assert_close(chunks["fused"], chunks["direct"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(chunks["fused"][:, :3], prefix)
+
+
+def test_fused_path_rejects_what_it_cannot_run(device):
+    net = small_unet(device, down_dims=(32, 64), n_groups=4)  # groups of 8 channels
+    net.sampling_layout = "fused"
+    with pytest.raises(ValueError, match="multiple of 16"):
+        net.prepare_sampling(torch.randn(1, TO, F, device=device), torch.zeros(1, device=device))
+    net = small_unet(device, down_dims=(32, 64))
+    net.sampling_layout = "fused"
+    f = net.prepare_sampling(torch.randn(1, TO, F, device=device), torch.zeros(1, device=device))
+    with pytest.raises(ValueError, match="expected \\(1, H, 2\\)"):
+        f(torch.randn(2, 8, DA, device=device), 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernels need CUDA")
+@pytest.mark.parametrize("B", [1, 8])
+def test_fused_bf16_matches_the_bf16_tokens_path(B):
+    """The default UNet in bf16: fused and the compiled layout's arithmetic agree to bf16 rounding."""
+    torch.manual_seed(0)
+    net = ConditionalUnet1D(DA, TO * F).cuda().eval().requires_grad_(False)
+    flow = FlowMatching(integrator="euler")
+    cond = torch.randn(B, TO, F, device="cuda")
+    noise = torch.randn(B, 16, DA, device="cuda")
+    want = flow.sample(net, cond, (B, 16, DA), num_steps=10, noise=noise)  # float32, direct
+    fused = copy.deepcopy(net).to(torch.bfloat16)
+    fused.sampling_layout = "fused"
+    got = flow.sample(fused, cond, (B, 16, DA), num_steps=10, noise=noise)
+    assert (got - want).abs().max() < 0.05 * want.abs().max()

@@ -23,6 +23,8 @@ def device():
     """CUDA when there is one (compiled kernels), else the CPU through Triton's interpreter
     (conftest.py turns it on before triton is imported)."""
     if torch.cuda.is_available():
+        torch.backends.cudnn.allow_tf32 = False  # the float32 reference: no TF32 convolutions
+        torch.backends.cuda.matmul.allow_tf32 = False
         return torch.device("cuda")
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("no CUDA and Triton's interpreter is off (TRITON_INTERPRET)")

@@ -108,41 +108,40 @@ def _taps(acc, v, w, k0, L_in, L_out, CIN: tl.constexpr, KT: tl.constexpr, STRID
     return acc
 
 
-@triton.jit(do_not_specialize=["step"])
-def conv_kernel(
-    a, a_stats, a_gamma, a_beta, eps, a_nstat, a_tiles,
-    film_t, film_p, film_w, film_off, step,
-    res, mat, bsrc, w, bias, ws, bs,
-    out, out_stats, skip_out,
-    x, u_a0, u_a1, u_cx, u_c0, u_co, u_clip,
-    L_in, L_out, NT,
-    CA: tl.constexpr, CB: tl.constexpr, CA_PAD: tl.constexpr, CB_PAD: tl.constexpr, O: tl.constexpr,
-    NORM: tl.constexpr, FILM: tl.constexpr, RES: tl.constexpr, MAT: tl.constexpr, HAS_B: tl.constexpr,
-    HAS_SKIP: tl.constexpr, STATS: tl.constexpr, UPDATE: tl.constexpr,
-    KT: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, TRANSPOSED: tl.constexpr,
-    SHIFT: tl.constexpr, CG: tl.constexpr, NTPG: tl.constexpr,
-    BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
-):
-    b = tl.program_id(0)
-    nt = tl.program_id(1)
-    CIN: tl.constexpr = CA_PAD + CB_PAD
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    ro = tl.arange(0, BM)
-    if nt < NT:  # the convolution
-        wp = w + nt * (KT * CIN * BN)
-        for c0 in range(0, CA_PAD, BK):
+@triton.jit
+def _slice(acc, b, c0, w, a, bsrc, CA, CB, L_in, L_out, a_stats, a_gamma, a_beta, eps, a_nstat, a_tiles,
+           film_t, film_p, film_w, film_off, step, res, mat, write_mat,
+           NORM: tl.constexpr, FILM: tl.constexpr, RES: tl.constexpr, MAT: tl.constexpr,
+           HAS_B: tl.constexpr, CA_PAD: tl.constexpr, CIN: tl.constexpr, KT: tl.constexpr,
+           STRIDE: tl.constexpr, PAD: tl.constexpr, TRANSPOSED: tl.constexpr, SHIFT: tl.constexpr,
+           CG: tl.constexpr, NTPG: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+           IEEE: tl.constexpr):
+    """``acc`` plus the contribution of input channels ``[c0, c0 + BK)`` (of ``a``, then ``bsrc``)."""
+    if HAS_B:
+        if c0 < CA_PAD:
             v = _input_tile(a, b, c0, L_in, CA, a_stats, a_gamma, a_beta, eps, a_nstat, a_tiles,
-                            film_t, film_p, film_w, film_off, step, res, mat, nt == 0,
+                            film_t, film_p, film_w, film_off, step, res, mat, write_mat,
                             NORM, FILM, RES, MAT, CG, NTPG, BM, BK)
-            acc = _taps(acc, v, wp, c0, L_in, L_out, CIN, KT, STRIDE, PAD, TRANSPOSED, SHIFT,
-                        BM, BK, BN, IEEE)
-        if HAS_B:
-            for c0 in range(0, CB_PAD, BK):
-                v = _input_tile(bsrc, b, c0, L_in, CB, a_stats, a_gamma, a_beta, eps, a_nstat, a_tiles,
-                                film_t, film_p, film_w, film_off, step, res, mat, nt == 0,
-                                False, False, False, False, CG, NTPG, BM, BK)
-                acc = _taps(acc, v, wp, CA_PAD + c0, L_in, L_out, CIN, KT, STRIDE, PAD, TRANSPOSED, SHIFT,
-                            BM, BK, BN, IEEE)
+        else:
+            v = _input_tile(bsrc, b, c0 - CA_PAD, L_in, CB, a_stats, a_gamma, a_beta, eps, a_nstat, a_tiles,
+                            film_t, film_p, film_w, film_off, step, res, mat, write_mat,
+                            False, False, False, False, CG, NTPG, BM, BK)
+    else:
+        v = _input_tile(a, b, c0, L_in, CA, a_stats, a_gamma, a_beta, eps, a_nstat, a_tiles,
+                        film_t, film_p, film_w, film_off, step, res, mat, write_mat,
+                        NORM, FILM, RES, MAT, CG, NTPG, BM, BK)
+    return _taps(acc, v, w, c0, L_in, L_out, CIN, KT, STRIDE, PAD, TRANSPOSED, SHIFT, BM, BK, BN, IEEE)
+
+
+@triton.jit
+def _finish(acc, b, nt, NT, L_in, L_out, bias, bs, out, out_stats, skip_out,
+            x, u_a0, u_a1, u_cx, u_c0, u_co, u_clip,
+            O: tl.constexpr, STATS: tl.constexpr, UPDATE: tl.constexpr, HAS_SKIP: tl.constexpr,
+            BM: tl.constexpr, BN: tl.constexpr):
+    """Bias and store: the convolution's tile (with its partial statistics, or the sampler's
+    step), or a tile of the 1x1 skip convolution."""
+    ro = tl.arange(0, BM)
+    if nt < NT:
         n = nt * BN + tl.arange(0, BN)
         y = acc + tl.load(bias + n)[None, :]
         m = (ro < L_out)[:, None] & (n < O)[None, :]
@@ -160,22 +159,63 @@ def conv_kernel(
             y = u_cx * xv + u_c0 * x0 + u_co * y
         tl.store(out + off, y, mask=m)
     else:
-        if HAS_SKIP:  # the block's 1x1 skip convolution (length preserving: L_out == L_in)
-            st = nt - NT
-            wp = ws + st * (CIN * BN)
-            for c0 in range(0, CA_PAD, BK):
-                v = _input_tile(a, b, c0, L_in, CA, a_stats, a_gamma, a_beta, eps, a_nstat, a_tiles,
-                                film_t, film_p, film_w, film_off, step, res, mat, False,
-                                NORM, FILM, RES, False, CG, NTPG, BM, BK)
-                acc = _taps(acc, v, wp, c0, L_in, L_in, CIN, 1, 1, 0, False, False, BM, BK, BN, IEEE)
-            if HAS_B:
-                for c0 in range(0, CB_PAD, BK):
-                    v = _input_tile(bsrc, b, c0, L_in, CB, a_stats, a_gamma, a_beta, eps, a_nstat, a_tiles,
-                                    film_t, film_p, film_w, film_off, step, res, mat, False,
-                                    False, False, False, False, CG, NTPG, BM, BK)
-                    acc = _taps(acc, v, wp, CA_PAD + c0, L_in, L_in, CIN, 1, 1, 0, False, False,
-                                BM, BK, BN, IEEE)
-            n = st * BN + tl.arange(0, BN)
+        if HAS_SKIP:  # length preserving: L_in rows
+            n = (nt - NT) * BN + tl.arange(0, BN)
             y = acc + tl.load(bs + n)[None, :]
             m = (ro < L_in)[:, None] & (n < O)[None, :]
             tl.store(skip_out + (b * L_in + ro)[:, None] * O + n[None, :], y, mask=m)
+
+
+@triton.jit(do_not_specialize=["step"])
+def conv_kernel(
+    a, a_stats, a_gamma, a_beta, eps, a_nstat, a_tiles,
+    film_t, film_p, film_w, film_off, step,
+    res, mat, bsrc, w, bias, ws, bs,
+    out, out_stats, skip_out, part, counter,
+    x, u_a0, u_a1, u_cx, u_c0, u_co, u_clip,
+    L_in, L_out, NT, NTT,
+    CA: tl.constexpr, CB: tl.constexpr, CA_PAD: tl.constexpr, CB_PAD: tl.constexpr, O: tl.constexpr,
+    NORM: tl.constexpr, FILM: tl.constexpr, RES: tl.constexpr, MAT: tl.constexpr, HAS_B: tl.constexpr,
+    HAS_SKIP: tl.constexpr, STATS: tl.constexpr, UPDATE: tl.constexpr,
+    KT: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, TRANSPOSED: tl.constexpr,
+    SHIFT: tl.constexpr, CG: tl.constexpr, NTPG: tl.constexpr, SPLIT: tl.constexpr, SP2: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Program (b, nt, s): batch row b, output tile nt (past NT: the skip convolution's tiles),
+    input channels [s BK, (s + 1) BK). With SPLIT > 1 slices, each program leaves its partial
+    sum in ``part``; the last of a tile's programs to arrive (a counter per tile, reset after)
+    adds them in a fixed order and finishes the tile: deterministic, and every slice's weights
+    stream at once."""
+    b = tl.program_id(0)
+    nt = tl.program_id(1)
+    c0 = tl.program_id(2) * BK
+    CIN: tl.constexpr = CA_PAD + CB_PAD
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if nt < NT:  # the convolution
+        acc = _slice(acc, b, c0, w + nt * (KT * CIN * BN), a, bsrc, CA, CB, L_in, L_out,
+                     a_stats, a_gamma, a_beta, eps, a_nstat, a_tiles, film_t, film_p, film_w, film_off, step,
+                     res, mat, nt == 0, NORM, FILM, RES, MAT, HAS_B, CA_PAD, CIN, KT, STRIDE, PAD,
+                     TRANSPOSED, SHIFT, CG, NTPG, BM, BK, BN, IEEE)
+    else:
+        if HAS_SKIP:  # the block's 1x1 skip convolution
+            acc = _slice(acc, b, c0, ws + (nt - NT) * (CIN * BN), a, bsrc, CA, CB, L_in, L_in,
+                         a_stats, a_gamma, a_beta, eps, a_nstat, a_tiles, film_t, film_p, film_w, film_off,
+                         step, res, mat, False, NORM, FILM, RES, False, HAS_B, CA_PAD, CIN, 1, 1, 0,
+                         False, False, CG, NTPG, BM, BK, BN, IEEE)
+    if SPLIT == 1:
+        _finish(acc, b, nt, NT, L_in, L_out, bias, bs, out, out_stats, skip_out,
+                x, u_a0, u_a1, u_cx, u_c0, u_co, u_clip, O, STATS, UPDATE, HAS_SKIP, BM, BN)
+    else:
+        r = tl.arange(0, BM)
+        n = tl.arange(0, BN)
+        tile = (b * NTT + nt) * SPLIT
+        tl.store(part + (tile + tl.program_id(2)) * (BM * BN) + r[:, None] * BN + n[None, :], acc)
+        tl.debug_barrier()  # every thread's partial is written before the counter moves
+        arrived = tl.atomic_add(counter + b * NTT + nt, 1)  # acq_rel: the partials are visible
+        if arrived == SPLIT - 1:
+            sp = tl.arange(0, SP2)
+            ptrs = part + (tile + sp)[:, None, None] * (BM * BN) + r[None, :, None] * BN + n[None, None, :]
+            parts = tl.load(ptrs, mask=(sp < SPLIT)[:, None, None], other=0.0, cache_modifier=".cg")
+            _finish(tl.sum(parts, axis=0), b, nt, NT, L_in, L_out, bias, bs, out, out_stats, skip_out,
+                    x, u_a0, u_a1, u_cx, u_c0, u_co, u_clip, O, STATS, UPDATE, HAS_SKIP, BM, BN)
+            tl.store(counter + b * NTT + nt, 0)  # ready for the next launch

@@ -66,6 +66,8 @@ class _Launch:
     ws: torch.Tensor | None = None  # the 1x1 skip convolution: (NTS, 1, CA_PAD + CB_PAD, BN)
     bs: torch.Tensor | None = None
     skip_out: str | None = None
+    part: str | None = None  # partial sums of the channel slices, and their arrival counters
+    counter: str | None = None
     update: bool = False
     consts: dict = field(default_factory=dict)
 
@@ -157,14 +159,15 @@ class FusedUnet:
             L_out = (h.L + 2 * pad - k) // stride + 1
         O = w.shape[0]
         CA, CB = h.C, (extra.C if extra is not None else 0)
+        cg_in = h.norm[1].num_channels // h.norm[1].num_groups if h.norm is not None else BN
         if h.norm is not None:
-            cg = h.norm[1].num_channels // h.norm[1].num_groups
-            BK = min(64, cg)
+            BK = min(128, cg_in)  # a slice of channels lies in one GroupNorm group
         else:
-            BK = min(64, _pow2(CA))
+            BK = min(128, _pow2(CA))
             while CA % BK and BK > 16:
                 BK //= 2
         parts = [(CA, _round_up(CA, BK)), (CB, _round_up(CB, BK))]
+        split = (parts[0][1] + parts[1][1]) // BK  # programs per output tile, one per channel slice
         L = max(h.L, L_out)
         launch = _Launch(
             a=h, b=None if extra is None else self._materialize(extra), CB=CB,
@@ -176,14 +179,18 @@ class FusedUnet:
             launch.ws = _tiles(skip.weight.detach(), parts, self.dtype)
             launch.bs = _bias(skip.bias, O)
             launch.skip_out = self._buffer("skip", h.L, O)
+        ntt = launch.w.shape[0] + (0 if skip is None else launch.ws.shape[0])
+        if split > 1:
+            launch.part = self._buffer("part", ntt * split, _pow2(L), BN)
+            launch.counter = self._buffer("count", ntt)
         shift = not (k == 1 and stride == 1 and pad == 0 and not transposed)
-        cg_in = h.norm[1].num_channels // h.norm[1].num_groups if h.norm is not None else BN
         launch.consts = dict(
             CA=CA, CB=CB, CA_PAD=parts[0][1], CB_PAD=parts[1][1], O=O, NORM=h.norm is not None,
             FILM=h.norm is not None and h.norm[2] is not None, RES=h.norm is not None and h.norm[3] is not None,
             HAS_B=extra is not None, HAS_SKIP=skip is not None, STATS=gn is not None,
             KT=k, STRIDE=stride, PAD=pad, TRANSPOSED=transposed, SHIFT=shift, CG=cg_in,
-            NTPG=max(1, cg_in // BN), BM=_pow2(L), BK=BK, BN=BN, IEEE=self.dtype == torch.float32)
+            NTPG=max(1, cg_in // BN), SPLIT=split, SP2=_pow2(split, 1), BM=_pow2(L), BK=BK, BN=BN,
+            IEEE=self.dtype == torch.float32)
         self._launches.append(launch)
         out = _Act(launch.out, L_out, O)
         if gn is not None:
@@ -259,7 +266,10 @@ class FusedUnet:
                 raise ValueError(f"horizon H={H} must be divisible by {net.downsample_factor}")
             if H not in state:
                 launches, shapes = self._plan(H)
-                state[H] = launches, {n: torch.empty((B, *s), device=dev) for n, s in shapes.items()}
+                bufs = {n: torch.empty((B, *s), device=dev) for n, s in shapes.items() if not n.startswith("count")}
+                bufs.update({n: torch.zeros((B, *s), device=dev, dtype=torch.int32)  # reset by the kernel
+                             for n, s in shapes.items() if n.startswith("count")})
+                state[H] = launches, bufs
             launches, bufs = state[H]
             bufs["x"] = x = x.float().contiguous()
             out = torch.empty_like(x)  # the result is the caller's: a fresh tensor every call
@@ -277,9 +287,9 @@ class FusedUnet:
         stats, gn, film, res = a.norm if a.norm is not None else (None, None, None, None)
         gamma, beta = self._gn[id(gn)] if gn is not None else (ln.bias, ln.bias)
         nt = ln.w.shape[0]
-        nts = 0 if ln.ws is None else ln.ws.shape[0]
+        ntt = nt + (0 if ln.ws is None else ln.ws.shape[0])
         out = bufs[ln.out]
-        kernel[(B, nt + nts)](
+        kernel[(B, ntt, ln.consts["SPLIT"])](
             bufs[a.buf], bufs[stats] if stats else out, gamma, beta, float(gn.eps) if gn is not None else 0.0,
             float(a.L * BN), bufs[stats].shape[1] if stats else 0,
             film_t, film_p, film_t.shape[1], self.film_offsets[film] if film is not None else 0, i,
@@ -287,7 +297,8 @@ class FusedUnet:
             bufs[ln.b] if ln.b else out, ln.w, ln.bias,
             ln.ws if ln.ws is not None else ln.w, ln.bs if ln.bs is not None else ln.bias,
             out, bufs[ln.stats] if ln.stats else out, bufs[ln.skip_out] if ln.skip_out else out,
-            bufs["x"], *(u or (0.0,) * 6), a.L, ln.L_out, nt,
+            bufs[ln.part] if ln.part else out, bufs[ln.counter] if ln.counter else out,
+            bufs["x"], *(u or (0.0,) * 6), a.L, ln.L_out, nt, ntt,
             MAT=a.mat is not None, UPDATE=ln.update and u is not None, **ln.consts, num_warps=4)
 
 

@@ -80,43 +80,14 @@ def _input_tile(src, b, c0, L, C, stats, gamma, beta, eps, n_stat, stat_tiles,
 
 
 @triton.jit
-def _taps(acc, v, w, k0, L_in, L_out, CIN: tl.constexpr, KT: tl.constexpr, STRIDE: tl.constexpr,
-          PAD: tl.constexpr, TRANSPOSED: tl.constexpr, SHIFT: tl.constexpr, BM: tl.constexpr,
-          BK: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
-    """``acc += sum_t S_t v W_t[k0 : k0 + BK]``; ``w`` points at this tile's ``(KT, CIN, BN)``
-    weights. Regular: output row ``o`` takes input row ``o STRIDE + t - PAD``; transposed: input
-    row ``j`` feeds output row ``j STRIDE + t - PAD``."""
-    wdt = w.dtype.element_ty
-    v = v.to(wdt)
-    ro = tl.arange(0, BM)
-    ri = tl.arange(0, BM)
-    kk = tl.arange(0, BK)
-    nn = tl.arange(0, BN)
-    for t in tl.static_range(KT):
-        wt = tl.load(w + (t * CIN + k0 + kk)[:, None] * BN + nn[None, :])
-        if SHIFT:
-            if TRANSPOSED:
-                hit = ro[:, None] == ri[None, :] * STRIDE + (t - PAD)
-            else:
-                hit = ri[None, :] == ro[:, None] * STRIDE + (t - PAD)
-            hit = hit & (ri[None, :] < L_in) & (ro[:, None] < L_out)
-            s = tl.where(hit, 1.0, 0.0).to(wdt)
-            sv = _dot(s, v, IEEE).to(wdt)
-        else:
-            sv = v
-        acc += _dot(sv, wt, IEEE)
-    return acc
-
-
-@triton.jit
-def _slice(acc, b, c0, w, a, bsrc, CA, CB, L_in, L_out, a_stats, a_gamma, a_beta, eps, a_nstat, a_tiles,
-           film_t, film_p, film_w, film_off, step, res, mat, write_mat,
-           NORM: tl.constexpr, FILM: tl.constexpr, RES: tl.constexpr, MAT: tl.constexpr,
-           HAS_B: tl.constexpr, CA_PAD: tl.constexpr, CIN: tl.constexpr, KT: tl.constexpr,
-           STRIDE: tl.constexpr, PAD: tl.constexpr, TRANSPOSED: tl.constexpr, SHIFT: tl.constexpr,
-           CG: tl.constexpr, NTPG: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
-           IEEE: tl.constexpr):
-    """``acc`` plus the contribution of input channels ``[c0, c0 + BK)`` (of ``a``, then ``bsrc``)."""
+def _product(b, c0, wslab, a, bsrc, CA, CB, L_in, a_stats, a_gamma, a_beta, eps, a_nstat, a_tiles,
+             film_t, film_p, film_w, film_off, step, res, mat, write_mat,
+             NORM: tl.constexpr, FILM: tl.constexpr, RES: tl.constexpr, MAT: tl.constexpr,
+             HAS_B: tl.constexpr, CA_PAD: tl.constexpr, KT: tl.constexpr, KTP: tl.constexpr,
+             CG: tl.constexpr, NTPG: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+             IEEE: tl.constexpr):
+    """The input channels ``[c0, c0 + BK)`` (of ``a``, then ``bsrc``) times every tap's weights,
+    side by side: ``(BM input rows, KTP * BN)``, column ``t BN + j`` = tap t, channel j."""
     if HAS_B:
         if c0 < CA_PAD:
             v = _input_tile(a, b, c0, L_in, CA, a_stats, a_gamma, a_beta, eps, a_nstat, a_tiles,
@@ -130,7 +101,37 @@ def _slice(acc, b, c0, w, a, bsrc, CA, CB, L_in, L_out, a_stats, a_gamma, a_beta
         v = _input_tile(a, b, c0, L_in, CA, a_stats, a_gamma, a_beta, eps, a_nstat, a_tiles,
                         film_t, film_p, film_w, film_off, step, res, mat, write_mat,
                         NORM, FILM, RES, MAT, CG, NTPG, BM, BK)
-    return _taps(acc, v, w, c0, L_in, L_out, CIN, KT, STRIDE, PAD, TRANSPOSED, SHIFT, BM, BK, BN, IEEE)
+    kk = tl.arange(0, BK)
+    q = tl.arange(0, KTP * BN)
+    wt = tl.load(wslab + kk[:, None] * (KT * BN) + q[None, :], mask=(q < KT * BN)[None, :], other=0.0)
+    return _dot(v.to(wt.dtype), wt, IEEE)
+
+
+@triton.jit
+def _gather(part, first, L_in, L_out, SPLIT: tl.constexpr, SP2: tl.constexpr, KT: tl.constexpr,
+            STRIDE: tl.constexpr, PAD: tl.constexpr, TRANSPOSED: tl.constexpr, RS: tl.constexpr,
+            BM: tl.constexpr, BN: tl.constexpr):
+    """The convolution's ``(BM output rows, BN)`` tile from the ``SPLIT`` slices' tap products
+    ``part[first + s]`` ``(BM input rows, RS >= KT BN)``: output row o adds tap t of input row
+    ``o STRIDE + t - PAD`` (transposed: of the input row j with ``j STRIDE + t - PAD = o``)."""
+    o = tl.arange(0, BM)
+    j = tl.arange(0, BN)
+    sp = tl.arange(0, SP2)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for t in tl.static_range(KT):
+        if TRANSPOSED:
+            num = o + (PAD - t)
+            r = num // STRIDE
+            ok = (num >= 0) & (num % STRIDE == 0) & (r < L_in)
+        else:
+            r = o * STRIDE + (t - PAD)
+            ok = (r >= 0) & (r < L_in)
+        ok = ok & (o < L_out)
+        ptr = part + ((first + sp)[:, None, None] * BM + r[None, :, None]) * RS + t * BN + j[None, None, :]
+        vals = tl.load(ptr, mask=(sp < SPLIT)[:, None, None] & ok[None, :, None], other=0.0,
+                       cache_modifier=".cg")
+        acc += tl.sum(vals, axis=0)
+    return acc
 
 
 @triton.jit
@@ -166,6 +167,8 @@ def _finish(acc, b, nt, NT, L_in, L_out, bias, bs, out, out_stats, skip_out,
             tl.store(skip_out + (b * L_in + ro)[:, None] * O + n[None, :], y, mask=m)
 
 
+
+
 @triton.jit(do_not_specialize=["step"])
 def conv_kernel(
     a, a_stats, a_gamma, a_beta, eps, a_nstat, a_tiles,
@@ -177,45 +180,47 @@ def conv_kernel(
     CA: tl.constexpr, CB: tl.constexpr, CA_PAD: tl.constexpr, CB_PAD: tl.constexpr, O: tl.constexpr,
     NORM: tl.constexpr, FILM: tl.constexpr, RES: tl.constexpr, MAT: tl.constexpr, HAS_B: tl.constexpr,
     HAS_SKIP: tl.constexpr, STATS: tl.constexpr, UPDATE: tl.constexpr,
-    KT: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, TRANSPOSED: tl.constexpr,
-    SHIFT: tl.constexpr, CG: tl.constexpr, NTPG: tl.constexpr, SPLIT: tl.constexpr, SP2: tl.constexpr,
+    KT: tl.constexpr, KTP: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, TRANSPOSED: tl.constexpr,
+    CG: tl.constexpr, NTPG: tl.constexpr, SPLIT: tl.constexpr, SP2: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Program (b, nt, s): batch row b, output tile nt (past NT: the skip convolution's tiles),
-    input channels [s BK, (s + 1) BK). With SPLIT > 1 slices, each program leaves its partial
-    sum in ``part``; the last of a tile's programs to arrive (a counter per tile, reset after)
-    adds them in a fixed order and finishes the tile: deterministic, and every slice's weights
-    stream at once."""
+    input channels [s BK, (s + 1) BK). Each program writes its tap products to ``part``; the last
+    of a tile's SPLIT programs to arrive (a counter per tile, reset after) adds them up, rows
+    shifted per tap, in a fixed order (deterministic) and finishes the tile."""
     b = tl.program_id(0)
     nt = tl.program_id(1)
-    c0 = tl.program_id(2) * BK
+    s = tl.program_id(2)
+    c0 = s * BK
     CIN: tl.constexpr = CA_PAD + CB_PAD
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    r = tl.arange(0, BM)
+    tile = (b * NTT + nt) * SPLIT
     if nt < NT:  # the convolution
-        acc = _slice(acc, b, c0, w + nt * (KT * CIN * BN), a, bsrc, CA, CB, L_in, L_out,
-                     a_stats, a_gamma, a_beta, eps, a_nstat, a_tiles, film_t, film_p, film_w, film_off, step,
-                     res, mat, nt == 0, NORM, FILM, RES, MAT, HAS_B, CA_PAD, CIN, KT, STRIDE, PAD,
-                     TRANSPOSED, SHIFT, CG, NTPG, BM, BK, BN, IEEE)
+        y = _product(b, c0, w + (nt * CIN + c0) * (KT * BN), a, bsrc, CA, CB, L_in, a_stats, a_gamma,
+                     a_beta, eps, a_nstat, a_tiles, film_t, film_p, film_w, film_off, step, res, mat, nt == 0,
+                     NORM, FILM, RES, MAT, HAS_B, CA_PAD, KT, KTP, CG, NTPG, BM, BK, BN, IEEE)
+        q = tl.arange(0, KTP * BN)
+        tl.store(part + ((tile + s) * BM + r[:, None]) * (KT * BN) + q[None, :], y,
+                 mask=(q < KT * BN)[None, :])
     else:
         if HAS_SKIP:  # the block's 1x1 skip convolution
-            acc = _slice(acc, b, c0, ws + (nt - NT) * (CIN * BN), a, bsrc, CA, CB, L_in, L_in,
-                         a_stats, a_gamma, a_beta, eps, a_nstat, a_tiles, film_t, film_p, film_w, film_off,
-                         step, res, mat, False, NORM, FILM, RES, False, HAS_B, CA_PAD, CIN, 1, 1, 0,
-                         False, False, CG, NTPG, BM, BK, BN, IEEE)
-    if SPLIT == 1:
+            y = _product(b, c0, ws + ((nt - NT) * CIN + c0) * BN, a, bsrc, CA, CB, L_in, a_stats, a_gamma,
+                         a_beta, eps, a_nstat, a_tiles, film_t, film_p, film_w, film_off, step, res, mat, False,
+                         NORM, FILM, RES, False, HAS_B, CA_PAD, 1, 1, CG, NTPG, BM, BK, BN, IEEE)
+            q = tl.arange(0, BN)  # in a slot of the same size as the convolution's
+            tl.store(part + ((tile + s) * BM + r[:, None]) * (KT * BN) + q[None, :], y)
+    tl.debug_barrier()  # every thread's products are written before the tile is finished
+    if SPLIT > 1:
+        # acq_rel: the products of the programs that arrived before are visible to the last one
+        last = tl.atomic_add(counter + b * NTT + nt, 1) == SPLIT - 1
+    else:
+        last = True
+    if last:
+        if nt < NT:
+            acc = _gather(part, tile, L_in, L_out, SPLIT, SP2, KT, STRIDE, PAD, TRANSPOSED, KT * BN, BM, BN)
+        else:
+            acc = _gather(part, tile, L_in, L_in, SPLIT, SP2, 1, 1, 0, False, KT * BN, BM, BN)
         _finish(acc, b, nt, NT, L_in, L_out, bias, bs, out, out_stats, skip_out,
                 x, u_a0, u_a1, u_cx, u_c0, u_co, u_clip, O, STATS, UPDATE, HAS_SKIP, BM, BN)
-    else:
-        r = tl.arange(0, BM)
-        n = tl.arange(0, BN)
-        tile = (b * NTT + nt) * SPLIT
-        tl.store(part + (tile + tl.program_id(2)) * (BM * BN) + r[:, None] * BN + n[None, :], acc)
-        tl.debug_barrier()  # every thread's partial is written before the counter moves
-        arrived = tl.atomic_add(counter + b * NTT + nt, 1)  # acq_rel: the partials are visible
-        if arrived == SPLIT - 1:
-            sp = tl.arange(0, SP2)
-            ptrs = part + (tile + sp)[:, None, None] * (BM * BN) + r[None, :, None] * BN + n[None, None, :]
-            parts = tl.load(ptrs, mask=(sp < SPLIT)[:, None, None], other=0.0, cache_modifier=".cg")
-            _finish(tl.sum(parts, axis=0), b, nt, NT, L_in, L_out, bias, bs, out, out_stats, skip_out,
-                    x, u_a0, u_a1, u_cx, u_c0, u_co, u_clip, O, STATS, UPDATE, HAS_SKIP, BM, BN)
+        if SPLIT > 1:
             tl.store(counter + b * NTT + nt, 0)  # ready for the next launch

@@ -53,7 +53,7 @@ class _Launch:
     a: _Act
     b: str | None  # a second input concatenated after ``a`` (an up level's skip connection)
     CB: int
-    w: torch.Tensor  # (NT, KT, CA_PAD + CB_PAD, BN)
+    w: torch.Tensor  # (NT, CA_PAD + CB_PAD, KT, BN)
     bias: torch.Tensor  # (NT * BN,) float32
     KT: int
     stride: int
@@ -63,18 +63,19 @@ class _Launch:
     L_out: int
     O: int
     stats: str | None = None
-    ws: torch.Tensor | None = None  # the 1x1 skip convolution: (NTS, 1, CA_PAD + CB_PAD, BN)
+    ws: torch.Tensor | None = None  # the 1x1 skip convolution: (NTS, CA_PAD + CB_PAD, 1, BN)
     bs: torch.Tensor | None = None
     skip_out: str | None = None
-    part: str | None = None  # partial sums of the channel slices, and their arrival counters
+    part: str | None = None  # the channel slices' tap products, and their arrival counters
     counter: str | None = None
     update: bool = False
     consts: dict = field(default_factory=dict)
 
 
 def _tiles(w: torch.Tensor, parts: list[tuple[int, int]], dtype: torch.dtype) -> torch.Tensor:
-    """A convolution weight ``(O, C, k)`` as ``(NT, k, C_PAD, BN)`` slabs: output tile ``nt`` reads
-    one contiguous block. ``parts``: the input channels' ``(count, padded count)`` per input."""
+    """A convolution weight ``(O, C, k)`` as ``(NT, C_PAD, k, BN)``: the program of output tile
+    ``nt`` and a slice of input channels reads one contiguous block, every tap side by side.
+    ``parts``: the input channels' ``(count, padded count)`` per input."""
     O, C, k = w.shape
     wt = w.permute(2, 1, 0)  # (k, C, O)
     chunks, start = [], 0
@@ -82,7 +83,7 @@ def _tiles(w: torch.Tensor, parts: list[tuple[int, int]], dtype: torch.dtype) ->
         chunks.append(F.pad(wt[:, start : start + count], (0, 0, 0, padded - count)))
         start += count
     wt = F.pad(torch.cat(chunks, dim=1), (0, _round_up(O, BN) - O))  # (k, C_PAD, NT * BN)
-    return wt.unflatten(2, (-1, BN)).permute(2, 0, 1, 3).contiguous().to(dtype)
+    return wt.unflatten(2, (-1, BN)).permute(2, 1, 0, 3).contiguous().to(dtype)
 
 
 def _bias(b: torch.Tensor | None, O: int) -> torch.Tensor:
@@ -180,15 +181,14 @@ class FusedUnet:
             launch.bs = _bias(skip.bias, O)
             launch.skip_out = self._buffer("skip", h.L, O)
         ntt = launch.w.shape[0] + (0 if skip is None else launch.ws.shape[0])
+        launch.part = self._buffer("part", ntt * split, _pow2(L), k * BN)  # tap products per slice
         if split > 1:
-            launch.part = self._buffer("part", ntt * split, _pow2(L), BN)
             launch.counter = self._buffer("count", ntt)
-        shift = not (k == 1 and stride == 1 and pad == 0 and not transposed)
         launch.consts = dict(
             CA=CA, CB=CB, CA_PAD=parts[0][1], CB_PAD=parts[1][1], O=O, NORM=h.norm is not None,
             FILM=h.norm is not None and h.norm[2] is not None, RES=h.norm is not None and h.norm[3] is not None,
             HAS_B=extra is not None, HAS_SKIP=skip is not None, STATS=gn is not None,
-            KT=k, STRIDE=stride, PAD=pad, TRANSPOSED=transposed, SHIFT=shift, CG=cg_in,
+            KT=k, KTP=_pow2(k, 1), STRIDE=stride, PAD=pad, TRANSPOSED=transposed, CG=cg_in,
             NTPG=max(1, cg_in // BN), SPLIT=split, SP2=_pow2(split, 1), BM=_pow2(L), BK=BK, BN=BN,
             IEEE=self.dtype == torch.float32)
         self._launches.append(launch)
@@ -297,7 +297,7 @@ class FusedUnet:
             bufs[ln.b] if ln.b else out, ln.w, ln.bias,
             ln.ws if ln.ws is not None else ln.w, ln.bs if ln.bs is not None else ln.bias,
             out, bufs[ln.stats] if ln.stats else out, bufs[ln.skip_out] if ln.skip_out else out,
-            bufs[ln.part] if ln.part else out, bufs[ln.counter] if ln.counter else out,
+            bufs[ln.part], bufs[ln.counter] if ln.counter else out,
             bufs["x"], *(u or (0.0,) * 6), a.L, ln.L_out, nt, ntt,
             MAT=a.mat is not None, UPDATE=ln.update and u is not None, **ln.consts, num_warps=4)
 

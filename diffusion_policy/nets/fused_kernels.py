@@ -196,19 +196,19 @@ def conv_kernel(
     r = tl.arange(0, BM)
     tile = (b * NTT + nt) * SPLIT
     if nt < NT:  # the convolution
-        y = _product(b, c0, w + (nt * CIN + c0) * (KT * BN), a, bsrc, CA, CB, L_in, a_stats, a_gamma,
-                     a_beta, eps, a_nstat, a_tiles, film_t, film_p, film_w, film_off, step, res, mat, nt == 0,
-                     NORM, FILM, RES, MAT, HAS_B, CA_PAD, KT, KTP, CG, NTPG, BM, BK, BN, IEEE)
-        q = tl.arange(0, KTP * BN)
-        tl.store(part + ((tile + s) * BM + r[:, None]) * (KT * BN) + q[None, :], y,
-                 mask=(q < KT * BN)[None, :])
+        taps = _product(b, c0, w + (nt * CIN + c0) * (KT * BN), a, bsrc, CA, CB, L_in, a_stats, a_gamma,
+                        a_beta, eps, a_nstat, a_tiles, film_t, film_p, film_w, film_off, step, res, mat, nt == 0,
+                        NORM, FILM, RES, MAT, HAS_B, CA_PAD, KT, KTP, CG, NTPG, BM, BK, BN, IEEE)
+        cols = tl.arange(0, KTP * BN)
+        tl.store(part + ((tile + s) * BM + r[:, None]) * (KT * BN) + cols[None, :], taps,
+                 mask=(cols < KT * BN)[None, :])
     else:
         if HAS_SKIP:  # the block's 1x1 skip convolution
-            y = _product(b, c0, ws + ((nt - NT) * CIN + c0) * BN, a, bsrc, CA, CB, L_in, a_stats, a_gamma,
-                         a_beta, eps, a_nstat, a_tiles, film_t, film_p, film_w, film_off, step, res, mat, False,
-                         NORM, FILM, RES, False, HAS_B, CA_PAD, 1, 1, CG, NTPG, BM, BK, BN, IEEE)
-            q = tl.arange(0, BN)  # in a slot of the same size as the convolution's
-            tl.store(part + ((tile + s) * BM + r[:, None]) * (KT * BN) + q[None, :], y)
+            skip = _product(b, c0, ws + ((nt - NT) * CIN + c0) * BN, a, bsrc, CA, CB, L_in, a_stats, a_gamma,
+                            a_beta, eps, a_nstat, a_tiles, film_t, film_p, film_w, film_off, step, res, mat, False,
+                            NORM, FILM, RES, False, HAS_B, CA_PAD, 1, 1, CG, NTPG, BM, BK, BN, IEEE)
+            n = tl.arange(0, BN)  # in a slot of the same size as the convolution's
+            tl.store(part + ((tile + s) * BM + r[:, None]) * (KT * BN) + n[None, :], skip)
     tl.debug_barrier()  # every thread's products are written before the tile is finished
     if SPLIT > 1:
         # acq_rel: the products of the programs that arrived before are visible to the last one

@@ -1,28 +1,44 @@
-"""Per-kernel device times of one fused-path network call (diagnostics): which convolution costs
-what. ``python3 benchmarks/fused_profile.py`` on a CUDA machine."""
+"""The fused sampling path's tiling on a GPU: for each setting of ``FusedUnet``'s ``block_k``
+(input channels per product), ``program_kb`` (kilobytes of weights per program) and
+``num_warps``, the median DDIM-10 ``predict`` at batch 1 (bf16, CUDA graph); then, for the best
+setting, every kernel's device time in one network call (which convolution costs what).
+
+    python3 benchmarks/fused_profile.py --configs 64:32:4 128:64:4
+"""
 from __future__ import annotations
 
 import argparse
+import time
 
+import numpy as np
 import torch
+from sampling_latency import SAMPLERS, SHAPES, TO, build_policy
 from torch.profiler import ProfilerActivity, profile
 
-from sampling_latency import SAMPLERS, SHAPES, TO, build_policy
 from diffusion_policy.inference import FastPredictor
-from diffusion_policy.nets.fused_unet import fused_sampler
+from diffusion_policy.nets.fused_unet import FusedUnet, fused_sampler
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--dtype", default="bf16")
-    p.add_argument("--batch", type=int, default=1)
-    args = p.parse_args()
-    policy = build_policy("default", SAMPLERS["ddim-10"][0], torch.device("cuda"))
-    fast = FastPredictor(policy, dtype=args.dtype, fused=True)
-    obs = {k: (torch.rand(args.batch, TO, *s) * 512).cuda() for k, s in SHAPES.items()}
+def predictor(policy, dtype: str, config: str) -> FastPredictor:
+    bk, kb, warps = (int(v) for v in config.split(":"))
+    FusedUnet.block_k, FusedUnet.program_kb, FusedUnet.num_warps = bk, kb, warps
+    return FastPredictor(policy, dtype=dtype, fused=True)  # a fresh copy of the net: plans anew
+
+
+def median_ms(fast, obs, calls: int) -> float:
     for _ in range(5):
         fast.predict(obs, num_steps=10)
-    torch.cuda.synchronize()
+    times = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fast.predict(obs, num_steps=10)
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+def kernel_table(fast, obs) -> None:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fast.predict(obs, num_steps=10)
         torch.cuda.synchronize()
@@ -30,17 +46,36 @@ def main() -> None:
                      key=lambda e: e.time_range.start)
     launches, _ = fused_sampler(fast.net)._plan(16)
     n = len(launches)
-    print(f"{len(kernels)} conv_kernel launches, {n} per network call")
-    step = kernels[n : 2 * n]  # the second step
+    step = kernels[n : 2 * n]  # the second network call
     t0 = step[0].time_range.start
     for ln, e in zip(launches, step):
         c = ln.consts
         print(f"{e.time_range.start - t0:8.1f} us  {e.time_range.elapsed_us():6.2f} us  "
-              f"in {c['CA']}+{c['CB']} out {ln.O} L {ln.a.L}->{ln.L_out} k{c['KT']} split {c['SPLIT']} "
-              f"BK {c['BK']} tiles {ln.w.shape[0]}{'+skip' if ln.ws is not None else ''}")
+              f"in {c['CA']}+{c['CB']} out {ln.O} L {ln.a.L}->{ln.L_out} k{c['KT']} BK {c['BK']} "
+              f"per program {c['KPER']} split {c['SPLIT']} tiles {ln.w.shape[0]}{'+skip' if ln.ws is not None else ''}")
     span = step[-1].time_range.end - step[0].time_range.start
     busy = sum(e.time_range.elapsed_us() for e in step)
     print(f"one network call: {span:.1f} us from first start to last end, {busy:.1f} us in kernels")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--calls", type=int, default=100)
+    p.add_argument("--configs", nargs="+", default=["64:32:4"], help="block_k:program_kb:num_warps")
+    args = p.parse_args()
+    policy = build_policy("default", SAMPLERS["ddim-10"][0], torch.device("cuda"))
+    obs = {k: (torch.rand(1, TO, *s) * 512).cuda() for k, s in SHAPES.items()}
+    print(torch.cuda.get_device_name(), torch.__version__)
+    results = {}
+    for config in args.configs:
+        t0 = time.perf_counter()
+        fast = predictor(policy, args.dtype, config)
+        results[config] = median_ms(fast, obs, args.calls)
+        print(f"{config:>10}: DDIM-10 median {results[config]:.3f} ms ({time.perf_counter() - t0:.0f} s)", flush=True)
+    best = min(results, key=results.get)
+    print(f"best {best}: {results[best]:.3f} ms")
+    kernel_table(predictor(policy, args.dtype, best), obs)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,14 @@ def small_unet(device, down_dims=(32, 64, 128), n_groups=2) -> ConditionalUnet1D
     return net.to(device).eval().requires_grad_(False)
 
 
-def test_fused_path_equals_forward(device):
+@pytest.mark.parametrize("block_k, program_kb", [(64, 32), (16, 64)])
+def test_fused_path_equals_forward(device, monkeypatch, block_k, program_kb):
+    """Both tilings: one product per program, and several per program with the input channels
+    split over several programs per tile."""
+    from diffusion_policy.nets.fused_unet import FusedUnet
+
+    monkeypatch.setattr(FusedUnet, "block_k", block_k)
+    monkeypatch.setattr(FusedUnet, "program_kb", program_kb)
     net = small_unet(device)
     B, H = 2, 16
     cond, x = torch.randn(B, TO, F, device=device), torch.randn(B, H, DA, device=device)

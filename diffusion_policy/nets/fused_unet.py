@@ -92,7 +92,16 @@ def _bias(b: torch.Tensor | None, O: int) -> torch.Tensor:
 
 
 class FusedUnet:
-    """Plans and runs the fused sampling path of one :class:`ConditionalUnet1D`."""
+    """Plans and runs the fused sampling path of one :class:`ConditionalUnet1D`.
+
+    Tuning (class attributes; measured in ``benchmarks/fused_profile.py``): ``block_k`` input
+    channels per product, ``program_kb`` kilobytes of weights per program (how many programs
+    share a tile's input channels), ``num_warps`` per program.
+    """
+
+    block_k = 64
+    program_kb = 32
+    num_warps = 4
 
     def __init__(self, net):
         self.net = net
@@ -161,14 +170,15 @@ class FusedUnet:
         O = w.shape[0]
         CA, CB = h.C, (extra.C if extra is not None else 0)
         cg_in = h.norm[1].num_channels // h.norm[1].num_groups if h.norm is not None else BN
-        if h.norm is not None:
-            BK = min(128, cg_in)  # a slice of channels lies in one GroupNorm group
-        else:
-            BK = min(128, _pow2(CA))
-            while CA % BK and BK > 16:
-                BK //= 2
+        BK = min(self.block_k, _pow2(max(CA, CB)))
         parts = [(CA, _round_up(CA, BK)), (CB, _round_up(CB, BK))]
-        split = (parts[0][1] + parts[1][1]) // BK  # programs per output tile, one per channel slice
+        cin = parts[0][1] + parts[1][1]
+        # channels per program: about program_kb of weights each; the programs of a tile split
+        # the input channels between them (SPLIT of them, finished by the last to arrive)
+        kper = BK
+        while kper * 2 <= cin and cin % (kper * 2) == 0 and kper * 2 * k * BN * self.dtype.itemsize <= self.program_kb * 1024:
+            kper *= 2
+        split = cin // kper
         L = max(h.L, L_out)
         launch = _Launch(
             a=h, b=None if extra is None else self._materialize(extra), CB=CB,
@@ -189,7 +199,7 @@ class FusedUnet:
             FILM=h.norm is not None and h.norm[2] is not None, RES=h.norm is not None and h.norm[3] is not None,
             HAS_B=extra is not None, HAS_SKIP=skip is not None, STATS=gn is not None,
             KT=k, KTP=_pow2(k, 1), STRIDE=stride, PAD=pad, TRANSPOSED=transposed, CG=cg_in,
-            NTPG=max(1, cg_in // BN), SPLIT=split, SP2=_pow2(split, 1), BM=_pow2(L), BK=BK, BN=BN,
+            NTPG=max(1, cg_in // BN), SPLIT=split, SP2=_pow2(split, 1), KPER=kper, BM=_pow2(L), BK=BK, BN=BN,
             IEEE=self.dtype == torch.float32)
         self._launches.append(launch)
         out = _Act(launch.out, L_out, O)
@@ -299,7 +309,7 @@ class FusedUnet:
             out, bufs[ln.stats] if ln.stats else out, bufs[ln.skip_out] if ln.skip_out else out,
             bufs[ln.part], bufs[ln.counter] if ln.counter else out,
             bufs["x"], *(u or (0.0,) * 6), a.L, ln.L_out, nt, ntt,
-            MAT=a.mat is not None, UPDATE=ln.update and u is not None, **ln.consts, num_warps=4)
+            MAT=a.mat is not None, UPDATE=ln.update and u is not None, **ln.consts, num_warps=self.num_warps)
 
 
 def fused_sampler(net) -> FusedUnet:

@@ -44,14 +44,12 @@ def small_unet(device, down_dims=(32, 64, 128), n_groups=2) -> ConditionalUnet1D
     return net.to(device).eval().requires_grad_(False)
 
 
-@pytest.mark.parametrize("block_k, program_kb", [(64, 32), (16, 64)])
-def test_fused_path_equals_forward(device, monkeypatch, block_k, program_kb):
-    """Both tilings: one product per program, and several per program with the input channels
-    split over several programs per tile."""
+@pytest.mark.parametrize("block_k", [128, 16])
+def test_fused_path_equals_forward(device, monkeypatch, block_k):
+    """Few and many programs per output tile (the input channels split between them)."""
     from diffusion_policy.nets.fused_unet import FusedUnet
 
     monkeypatch.setattr(FusedUnet, "block_k", block_k)
-    monkeypatch.setattr(FusedUnet, "program_kb", program_kb)
     net = small_unet(device)
     B, H = 2, 16
     cond, x = torch.randn(B, TO, F, device=device), torch.randn(B, H, DA, device=device)

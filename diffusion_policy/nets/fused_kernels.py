@@ -29,6 +29,15 @@ def _mish(v):
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        r = tl.dot(a, b, input_precision="ieee")
+    else:
+        r = tl.dot(a, b)
+    return r
+
+
+@triton.jit
 def _input_tile(src, b, c0, L, C, stats, gamma, beta, eps, n_stat, stat_tiles,
                 film_t, film_p, film_w, film_off, step, res, mat, write_mat,
                 NORM: tl.constexpr, FILM: tl.constexpr, RES: tl.constexpr, MAT: tl.constexpr,
@@ -43,18 +52,18 @@ def _input_tile(src, b, c0, L, C, stats, gamma, beta, eps, n_stat, stat_tiles,
     off = (b * L + rows)[:, None] * C + ch[None, :]
     v = tl.load(src + off, mask=m, other=0.0).to(tl.float32)
     if NORM:
-        # each channel's group statistics, merged from the group's NTPG tiles' (mean, M2) (Chan et al.)
+        # the channel block lies in one group; merge its NTPG tiles' (mean, M2) (Chan et al.)
         tiles = tl.arange(0, NTPG)
-        sp = stats + (b * stat_tiles + (ch // CG)[:, None] * NTPG + tiles[None, :]) * 2  # (BK, NTPG)
-        mt = tl.load(sp, mask=cmask[:, None], other=0.0)
-        m2t = tl.load(sp + 1, mask=cmask[:, None], other=0.0)
-        mean = tl.sum(mt, axis=1) / NTPG
-        d = mt - mean[:, None]
-        var = (tl.sum(m2t, axis=1) + n_stat * tl.sum(d * d, axis=1)) / (NTPG * n_stat)
+        sp = stats + (b * stat_tiles + (c0 // CG) * NTPG + tiles) * 2
+        mt = tl.load(sp)
+        m2t = tl.load(sp + 1)
+        mean = tl.sum(mt, axis=0) / NTPG
+        d = mt - mean
+        var = (tl.sum(m2t, axis=0) + n_stat * tl.sum(d * d, axis=0)) / (NTPG * n_stat)
         rstd = 1.0 / tl.sqrt(var + eps)
         gam = tl.load(gamma + ch, mask=cmask, other=0.0)
         bet = tl.load(beta + ch, mask=cmask, other=0.0)
-        v = _mish((v - mean[None, :]) * (rstd * gam)[None, :] + bet[None, :])
+        v = _mish((v - mean) * rstd * gam[None, :] + bet[None, :])
         if FILM:
             fo = film_off + ch
             scale = (tl.load(film_t + step * film_w + fo, mask=cmask, other=0.0)
@@ -71,39 +80,31 @@ def _input_tile(src, b, c0, L, C, stats, gamma, beta, eps, n_stat, stat_tiles,
 
 
 @triton.jit
-def _product(b, c_lo, wslab, a, bsrc, CA, CB, L_in, a_stats, a_gamma, a_beta, eps, a_nstat, a_tiles,
+def _product(b, c0, wslab, a, bsrc, CA, CB, L_in, a_stats, a_gamma, a_beta, eps, a_nstat, a_tiles,
              film_t, film_p, film_w, film_off, step, res, mat, write_mat,
              NORM: tl.constexpr, FILM: tl.constexpr, RES: tl.constexpr, MAT: tl.constexpr,
              HAS_B: tl.constexpr, CA_PAD: tl.constexpr, KT: tl.constexpr, KTP: tl.constexpr,
-             CG: tl.constexpr, NTPG: tl.constexpr, KPER: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-             BN: tl.constexpr, IEEE: tl.constexpr):
-    """The input channels ``[c_lo, c_lo + KPER)`` (of ``a``, then ``bsrc``; ``BK`` at a time) times
-    every tap's weights side by side: ``(BM input rows, KTP * BN)``, column ``t BN + j`` = tap t,
-    output channel j. ``wslab`` points at row ``c_lo`` of this tile's ``(C, KT, BN)`` weights."""
-    kk = tl.arange(0, BK)
-    q = tl.arange(0, KTP * BN)
-    acc = tl.zeros((BM, KTP * BN), dtype=tl.float32)
-    for c in range(0, KPER, BK):
-        c0 = c_lo + c
-        wt = tl.load(wslab + (c + kk)[:, None] * (KT * BN) + q[None, :], mask=(q < KT * BN)[None, :], other=0.0)
-        if HAS_B:
-            if c0 < CA_PAD:
-                v = _input_tile(a, b, c0, L_in, CA, a_stats, a_gamma, a_beta, eps, a_nstat, a_tiles,
-                                film_t, film_p, film_w, film_off, step, res, mat, write_mat,
-                                NORM, FILM, RES, MAT, CG, NTPG, BM, BK)
-            else:
-                v = _input_tile(bsrc, b, c0 - CA_PAD, L_in, CB, a_stats, a_gamma, a_beta, eps, a_nstat,
-                                a_tiles, film_t, film_p, film_w, film_off, step, res, mat, write_mat,
-                                False, False, False, False, CG, NTPG, BM, BK)
-        else:
+             CG: tl.constexpr, NTPG: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+             IEEE: tl.constexpr):
+    """The input channels ``[c0, c0 + BK)`` (of ``a``, then ``bsrc``) times every tap's weights,
+    side by side: ``(BM input rows, KTP * BN)``, column ``t BN + j`` = tap t, channel j."""
+    if HAS_B:
+        if c0 < CA_PAD:
             v = _input_tile(a, b, c0, L_in, CA, a_stats, a_gamma, a_beta, eps, a_nstat, a_tiles,
                             film_t, film_p, film_w, film_off, step, res, mat, write_mat,
                             NORM, FILM, RES, MAT, CG, NTPG, BM, BK)
-        if IEEE:
-            acc = tl.dot(v.to(wt.dtype), wt, acc, input_precision="ieee")
         else:
-            acc = tl.dot(v.to(wt.dtype), wt, acc)
-    return acc
+            v = _input_tile(bsrc, b, c0 - CA_PAD, L_in, CB, a_stats, a_gamma, a_beta, eps, a_nstat, a_tiles,
+                            film_t, film_p, film_w, film_off, step, res, mat, write_mat,
+                            False, False, False, False, CG, NTPG, BM, BK)
+    else:
+        v = _input_tile(a, b, c0, L_in, CA, a_stats, a_gamma, a_beta, eps, a_nstat, a_tiles,
+                        film_t, film_p, film_w, film_off, step, res, mat, write_mat,
+                        NORM, FILM, RES, MAT, CG, NTPG, BM, BK)
+    kk = tl.arange(0, BK)
+    q = tl.arange(0, KTP * BN)
+    wt = tl.load(wslab + kk[:, None] * (KT * BN) + q[None, :], mask=(q < KT * BN)[None, :], other=0.0)
+    return _dot(v.to(wt.dtype), wt, IEEE)
 
 
 @triton.jit
@@ -173,31 +174,32 @@ def conv_kernel(
     a, a_stats, a_gamma, a_beta, eps, a_nstat, a_tiles,
     film_t, film_p, film_w, film_off, step,
     res, mat, bsrc, w, bias, ws, bs,
-    out, out_stats, skip_out, part, counter,
+    out, out_stats, skip_out, part, sums, counter,
     x, u_a0, u_a1, u_cx, u_c0, u_co, u_clip,
     L_in, L_out, NT, NTT,
     CA: tl.constexpr, CB: tl.constexpr, CA_PAD: tl.constexpr, CB_PAD: tl.constexpr, O: tl.constexpr,
     NORM: tl.constexpr, FILM: tl.constexpr, RES: tl.constexpr, MAT: tl.constexpr, HAS_B: tl.constexpr,
     HAS_SKIP: tl.constexpr, STATS: tl.constexpr, UPDATE: tl.constexpr,
     KT: tl.constexpr, KTP: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, TRANSPOSED: tl.constexpr,
-    CG: tl.constexpr, NTPG: tl.constexpr, SPLIT: tl.constexpr, SP2: tl.constexpr, KPER: tl.constexpr,
+    CG: tl.constexpr, NTPG: tl.constexpr, SPLIT: tl.constexpr, SP2: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Program (b, nt, s): batch row b, output tile nt (past NT: the skip convolution's tiles),
-    input channels [s KPER, (s + 1) KPER). Each program writes its tap products to ``part``; the last
-    of a tile's SPLIT programs to arrive (a counter per tile, reset after) adds them up, rows
-    shifted per tap, in a fixed order (deterministic) and finishes the tile."""
+    input channels [s BK, (s + 1) BK). Each program writes its tap products to ``part`` and reads
+    them back with the rows shifted per tap (the convolution of its channel slice); with SPLIT > 1
+    slices it leaves that in ``sums`` and the last of the tile's programs to arrive (a counter per
+    tile, reset after) adds the slices in a fixed order (deterministic) and finishes the tile."""
     b = tl.program_id(0)
     nt = tl.program_id(1)
     s = tl.program_id(2)
-    c0 = s * KPER
+    c0 = s * BK
     CIN: tl.constexpr = CA_PAD + CB_PAD
     r = tl.arange(0, BM)
     tile = (b * NTT + nt) * SPLIT
     if nt < NT:  # the convolution
         taps = _product(b, c0, w + (nt * CIN + c0) * (KT * BN), a, bsrc, CA, CB, L_in, a_stats, a_gamma,
                         a_beta, eps, a_nstat, a_tiles, film_t, film_p, film_w, film_off, step, res, mat, nt == 0,
-                        NORM, FILM, RES, MAT, HAS_B, CA_PAD, KT, KTP, CG, NTPG, KPER, BM, BK, BN, IEEE)
+                        NORM, FILM, RES, MAT, HAS_B, CA_PAD, KT, KTP, CG, NTPG, BM, BK, BN, IEEE)
         cols = tl.arange(0, KTP * BN)
         tl.store(part + ((tile + s) * BM + r[:, None]) * (KT * BN) + cols[None, :], taps,
                  mask=(cols < KT * BN)[None, :])
@@ -205,21 +207,26 @@ def conv_kernel(
         if HAS_SKIP:  # the block's 1x1 skip convolution
             skip = _product(b, c0, ws + ((nt - NT) * CIN + c0) * BN, a, bsrc, CA, CB, L_in, a_stats, a_gamma,
                             a_beta, eps, a_nstat, a_tiles, film_t, film_p, film_w, film_off, step, res, mat, False,
-                            NORM, FILM, RES, False, HAS_B, CA_PAD, 1, 1, CG, NTPG, KPER, BM, BK, BN, IEEE)
+                            NORM, FILM, RES, False, HAS_B, CA_PAD, 1, 1, CG, NTPG, BM, BK, BN, IEEE)
             n = tl.arange(0, BN)  # in a slot of the same size as the convolution's
             tl.store(part + ((tile + s) * BM + r[:, None]) * (KT * BN) + n[None, :], skip)
-    tl.debug_barrier()  # every thread's products are written before the tile is finished
-    if SPLIT > 1:
-        # acq_rel: the products of the programs that arrived before are visible to the last one
-        last = tl.atomic_add(counter + b * NTT + nt, 1) == SPLIT - 1
+    tl.debug_barrier()  # every thread's tap products are written before they are read back shifted
+    if nt < NT:
+        acc = _gather(part, tile + s, L_in, L_out, 1, 1, KT, STRIDE, PAD, TRANSPOSED, KT * BN, BM, BN)
     else:
-        last = True
-    if last:
-        if nt < NT:
-            acc = _gather(part, tile, L_in, L_out, SPLIT, SP2, KT, STRIDE, PAD, TRANSPOSED, KT * BN, BM, BN)
-        else:
-            acc = _gather(part, tile, L_in, L_in, SPLIT, SP2, 1, 1, 0, False, KT * BN, BM, BN)
+        acc = _gather(part, tile + s, L_in, L_in, 1, 1, 1, 1, 0, False, KT * BN, BM, BN)
+    if SPLIT == 1:
         _finish(acc, b, nt, NT, L_in, L_out, bias, bs, out, out_stats, skip_out,
                 x, u_a0, u_a1, u_cx, u_c0, u_co, u_clip, O, STATS, UPDATE, HAS_SKIP, BM, BN)
-        if SPLIT > 1:
+    else:
+        n = tl.arange(0, BN)
+        tl.store(sums + ((tile + s) * BM + r[:, None]) * BN + n[None, :], acc)
+        tl.debug_barrier()  # every thread's partial sum is written before the counter moves
+        # acq_rel: the partial sums of the programs that arrived before are visible to the last one
+        if tl.atomic_add(counter + b * NTT + nt, 1) == SPLIT - 1:
+            sp = tl.arange(0, SP2)
+            ptrs = sums + ((tile + sp)[:, None, None] * BM + r[None, :, None]) * BN + n[None, None, :]
+            parts = tl.load(ptrs, mask=(sp < SPLIT)[:, None, None], other=0.0, cache_modifier=".cg")
+            _finish(tl.sum(parts, axis=0), b, nt, NT, L_in, L_out, bias, bs, out, out_stats, skip_out,
+                    x, u_a0, u_a1, u_cx, u_c0, u_co, u_clip, O, STATS, UPDATE, HAS_SKIP, BM, BN)
             tl.store(counter + b * NTT + nt, 0)  # ready for the next launch

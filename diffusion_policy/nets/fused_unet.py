@@ -66,7 +66,8 @@ class _Launch:
     ws: torch.Tensor | None = None  # the 1x1 skip convolution: (NTS, CA_PAD + CB_PAD, 1, BN)
     bs: torch.Tensor | None = None
     skip_out: str | None = None
-    part: str | None = None  # the channel slices' tap products, and their arrival counters
+    part: str | None = None  # the channel slices' tap products, their sums, their arrival counters
+    sums: str | None = None
     counter: str | None = None
     update: bool = False
     consts: dict = field(default_factory=dict)
@@ -92,16 +93,10 @@ def _bias(b: torch.Tensor | None, O: int) -> torch.Tensor:
 
 
 class FusedUnet:
-    """Plans and runs the fused sampling path of one :class:`ConditionalUnet1D`.
+    """Plans and runs the fused sampling path of one :class:`ConditionalUnet1D`. ``block_k``: the
+    most input channels one program reads (within one GroupNorm group)."""
 
-    Tuning (class attributes; measured in ``benchmarks/fused_profile.py``): ``block_k`` input
-    channels per product, ``program_kb`` kilobytes of weights per program (how many programs
-    share a tile's input channels), ``num_warps`` per program.
-    """
-
-    block_k = 64
-    program_kb = 32
-    num_warps = 4
+    block_k = 128
 
     def __init__(self, net):
         self.net = net
@@ -170,15 +165,14 @@ class FusedUnet:
         O = w.shape[0]
         CA, CB = h.C, (extra.C if extra is not None else 0)
         cg_in = h.norm[1].num_channels // h.norm[1].num_groups if h.norm is not None else BN
-        BK = min(self.block_k, _pow2(max(CA, CB)))
+        if h.norm is not None:
+            BK = min(self.block_k, cg_in)  # a slice of channels lies in one GroupNorm group
+        else:
+            BK = min(self.block_k, _pow2(CA))
+            while CA % BK and BK > 16:
+                BK //= 2
         parts = [(CA, _round_up(CA, BK)), (CB, _round_up(CB, BK))]
-        cin = parts[0][1] + parts[1][1]
-        # channels per program: about program_kb of weights each; the programs of a tile split
-        # the input channels between them (SPLIT of them, finished by the last to arrive)
-        kper = BK
-        while kper * 2 <= cin and cin % (kper * 2) == 0 and kper * 2 * k * BN * self.dtype.itemsize <= self.program_kb * 1024:
-            kper *= 2
-        split = cin // kper
+        split = (parts[0][1] + parts[1][1]) // BK  # programs per output tile, one per channel slice
         L = max(h.L, L_out)
         launch = _Launch(
             a=h, b=None if extra is None else self._materialize(extra), CB=CB,
@@ -193,13 +187,14 @@ class FusedUnet:
         ntt = launch.w.shape[0] + (0 if skip is None else launch.ws.shape[0])
         launch.part = self._buffer("part", ntt * split, _pow2(L), k * BN)  # tap products per slice
         if split > 1:
+            launch.sums = self._buffer("sums", ntt * split, _pow2(L), BN)  # each slice's convolution
             launch.counter = self._buffer("count", ntt)
         launch.consts = dict(
             CA=CA, CB=CB, CA_PAD=parts[0][1], CB_PAD=parts[1][1], O=O, NORM=h.norm is not None,
             FILM=h.norm is not None and h.norm[2] is not None, RES=h.norm is not None and h.norm[3] is not None,
             HAS_B=extra is not None, HAS_SKIP=skip is not None, STATS=gn is not None,
             KT=k, KTP=_pow2(k, 1), STRIDE=stride, PAD=pad, TRANSPOSED=transposed, CG=cg_in,
-            NTPG=max(1, cg_in // BN), SPLIT=split, SP2=_pow2(split, 1), KPER=kper, BM=_pow2(L), BK=BK, BN=BN,
+            NTPG=max(1, cg_in // BN), SPLIT=split, SP2=_pow2(split, 1), BM=_pow2(L), BK=BK, BN=BN,
             IEEE=self.dtype == torch.float32)
         self._launches.append(launch)
         out = _Act(launch.out, L_out, O)
@@ -307,9 +302,9 @@ class FusedUnet:
             bufs[ln.b] if ln.b else out, ln.w, ln.bias,
             ln.ws if ln.ws is not None else ln.w, ln.bs if ln.bs is not None else ln.bias,
             out, bufs[ln.stats] if ln.stats else out, bufs[ln.skip_out] if ln.skip_out else out,
-            bufs[ln.part], bufs[ln.counter] if ln.counter else out,
+            bufs[ln.part], bufs[ln.sums] if ln.sums else out, bufs[ln.counter] if ln.counter else out,
             bufs["x"], *(u or (0.0,) * 6), a.L, ln.L_out, nt, ntt,
-            MAT=a.mat is not None, UPDATE=ln.update and u is not None, **ln.consts, num_warps=self.num_warps)
+            MAT=a.mat is not None, UPDATE=ln.update and u is not None, **ln.consts, num_warps=4)
 
 
 def fused_sampler(net) -> FusedUnet:

@@ -46,6 +46,7 @@ from diffusion_policy.config import MethodConfig, PolicyConfig, TaskConfig
 from diffusion_policy.data.normalize import Normalizer
 from diffusion_policy.inference import FastPredictor
 from diffusion_policy.methods import build_method
+from diffusion_policy.nets.unet1d import ConditionalUnet1D
 from diffusion_policy.policy import Policy
 
 H, TO, TA, DA = 16, 2, 8, 2
@@ -170,6 +171,9 @@ def main() -> None:
     p.add_argument("--out", default=None,
                    help="JSON path (default: $OUT, else the temp folder, /sampling_<device>_<preset>.json)")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failing modes")
+    p.add_argument("--fused-max-batch", type=int, default=None,
+                   help="largest batch the fused mode runs fused (ConditionalUnet1D.fused_max_batch; "
+                        "above it the compiled layout's path runs); to measure where the two cross")
     p.add_argument("--profile", nargs="*", default=None, metavar="MODE",
                    help="after the table, profile 5 batch-1 DDIM-10 calls of each named mode (first of "
                         "--dtypes) and print the 25 costliest device kernels (where the time goes)")
@@ -192,6 +196,8 @@ def main() -> None:
             raise SystemExit(f"--modes {bad} need CUDA (graphs are CUDA graphs); use eager/compile on CPU")
         machine = f"{cpu_model()}, {torch.get_num_threads()} torch threads"
 
+    if args.fused_max_batch is not None:
+        ConditionalUnet1D.fused_max_batch = args.fused_max_batch
     rows = []
     policy = build_policy(args.preset, SAMPLERS[args.samplers[0]][0], device)
     cache: dict = {}

@@ -53,8 +53,9 @@ class FastPredictor:
     shape and one graph serve every batch size up to it (e.g. an evaluation whose environments
     finish at different times); rows do not interact, so padding changes no row's chunk.
     ``fused``: run the UNet's sampling path as one Triton kernel per convolution
-    (``diffusion_policy.nets.fused_unet``; CUDA, instead of ``compile``; the first call of a
-    shape compiles the kernels: seconds).
+    (``diffusion_policy.nets.fused_unet``; CUDA; the first call compiles the kernels: seconds)
+    for batches up to ``net.fused_max_batch`` (2): the fastest at batch 1 (a robot's control
+    loop). Larger batches take the sampling path of ``compile`` (compiled when it is given).
     """
 
     def __init__(self, policy, dtype: str = "fp32", compile: bool | str = False, cuda_graph: bool | None = None,
@@ -74,8 +75,6 @@ class FastPredictor:
                 raise ValueError(f"fused=True needs the UNet; the policy's network is {type(policy.net).__name__}")
             if self.device.type != "cuda":
                 raise ValueError(f"fused=True runs Triton kernels on CUDA; the policy is on {self.device}")
-            if compile:
-                raise ValueError("fused=True replaces compile for the UNet: pass one of them")
         if pad_to is not None and pad_to < 1:
             raise ValueError(f"pad_to must be >= 1 or None, got {pad_to}")
         self.cuda_graph, self.warmup, self.pad_to = cuda_graph, warmup, pad_to

@@ -15,6 +15,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from diffusion_policy.inference import FastPredictor  # noqa: E402
 from diffusion_policy.methods import DiffusionMethod, FlowMatching  # noqa: E402
 from diffusion_policy.nets.unet1d import ConditionalUnet1D  # noqa: E402
 
@@ -77,6 +78,16 @@ def test_fused_path_runs_the_sampler_step_and_a_prefix(device):
     torch.testing.assert_close(chunks["fused"][:, :3], prefix)
 
 
+def test_batches_above_fused_max_batch_take_the_tokens_path(device):
+    net = small_unet(device, down_dims=(32, 64))
+    net.sampling_layout, net.fused_max_batch = "fused", 1
+    cond, x = torch.randn(2, TO, F, device=device), torch.randn(2, 8, DA, device=device)
+    times = torch.tensor([10.0], device=device)
+    f = net.prepare_sampling(cond, times)
+    torch.testing.assert_close(f(x, 0), net(x, times.expand(2), cond), rtol=1e-4, atol=1e-4)
+    assert "_fused_cache" not in net.__dict__  # no fused kernels were planned
+
+
 def test_fused_path_rejects_what_it_cannot_run(device):
     net = small_unet(device, down_dims=(32, 64), n_groups=4)  # groups of 8 channels
     net.sampling_layout = "fused"
@@ -87,6 +98,24 @@ def test_fused_path_rejects_what_it_cannot_run(device):
     f = net.prepare_sampling(torch.randn(1, TO, F, device=device), torch.zeros(1, device=device))
     with pytest.raises(ValueError, match="expected \\(1, H, 2\\)"):
         f(torch.randn(2, 8, DA, device=device), 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FastPredictor's fused path needs CUDA")
+def test_fast_predictor_fused_equals_predict():
+    """fp32 kernels in a CUDA graph give Policy.predict's chunk (DDIM, batch 1 and 2)."""
+    from test_inference import METHODS, make_policy
+
+    from diffusion_policy.config import PolicyConfig
+
+    torch.backends.cudnn.allow_tf32 = False  # Policy.predict's convolutions in float32
+    policy_cfg = PolicyConfig(name="unet", down_dims=[128, 256], time_embed_dim=32)  # groups of 16, 32
+    policy = make_policy(METHODS["ddim"], policy_cfg).cuda()
+    fast = FastPredictor(policy, dtype="fp32", fused=True)
+    for B in (1, 2):
+        obs = {"state": torch.randn(B, TO, 5, device="cuda")}
+        want = policy.predict(obs, generator=torch.Generator("cuda").manual_seed(B))
+        got = fast.predict(obs, generator=torch.Generator("cuda").manual_seed(B))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernels need CUDA")

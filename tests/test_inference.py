@@ -182,6 +182,8 @@ def test_fast_predictor_errors():
         FastPredictor(policy, compile="reduce-overhead")
     with pytest.raises(KeyError, match="missing keys"):
         FastPredictor(policy).predict({"other": torch.zeros(1, TO, 5)})
+    with pytest.raises(ValueError, match="fused=True runs Triton kernels on CUDA"):
+        FastPredictor(policy, fused=True)
 
 
 def test_controller_runs_a_fast_predictor():

@@ -206,9 +206,12 @@ class ConditionalUnet1D(nn.Module):
                 + [b for level in self.ups for b in level[:2]])
 
     # "tokens" (the sampling path), "fused" (the sampling path as one Triton kernel per
-    # convolution, diffusion_policy.nets.fused_unet; CUDA), "direct" (forward at every step),
-    # "auto": tokens when the trunk is compiled, else direct (see the module docstring)
+    # convolution, diffusion_policy.nets.fused_unet; CUDA; for batches up to fused_max_batch,
+    # above which it streams the weights once per row and "tokens" is faster), "direct"
+    # (forward at every step), "auto": tokens when the trunk is compiled, else direct (see the
+    # module docstring)
     sampling_layout = "auto"
+    fused_max_batch = 2
 
     def prepare_sampling(self, cond: torch.Tensor, times: torch.Tensor, update=None):
         """``f(x (B, H, Da), i) -> forward(x, times[i], cond)`` for a sampler that calls the network
@@ -227,9 +230,11 @@ class ConditionalUnet1D(nn.Module):
                 return lambda x, i: self(x, times[i : i + 1].expand(B), cond)
             return lambda x, i: update.apply(x, self(x, times[i : i + 1].expand(B), cond), i)
         if layout == "fused":
-            from diffusion_policy.nets.fused_unet import fused_sampler
+            if B <= self.fused_max_batch:
+                from diffusion_policy.nets.fused_unet import fused_sampler
 
-            return fused_sampler(self).prepare(cond, times, update)
+                return fused_sampler(self).prepare(cond, times, update)
+            layout = "tokens"
         cond = cond.reshape(B, -1)
         if cond.shape[1] != self.cond_dim:
             raise ValueError(f"cond flattens to {cond.shape[1]} features, expected {self.cond_dim}")

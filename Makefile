@@ -19,6 +19,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first: the CPU build, so that no multi-GB CUDA build is pulled in by the package's requirement
 	$(BIN)/pip install -q torch==2.13.0
+	# Triton for the fused sampling path's tests: its CPU interpreter runs the kernels, its compiler
+	# builds them for sm_90 without a GPU (3.6.0: the version beside the GPU machines' torch 2.11)
+	$(BIN)/pip install -q triton==3.6.0
 	$(BIN)/pip install -q -e '.[dev,metaworld]'
 	# MetaWorld beside our tasks (its tests run too); --no-deps keeps our mujoco 3.3.7
 	$(BIN)/pip install -q --no-deps metaworld==3.1.1

@@ -1,18 +1,29 @@
 """Triton kernel of the fused sampling path (``diffusion_policy.nets.fused_unet``): one launch
-computes one convolution of the UNet for every batch row and every tile of ``BN`` output channels.
+computes one convolution of the UNet for every batch row.
 
-A program (batch row ``b``, output tile ``nt``) does, for each block of ``BK`` input channels:
-1. load the input tile ``(rows, BK)``; when the input is the raw output of an earlier convolution,
-   finish that layer on the fly: GroupNorm (group statistics merged from the per-tile partial
-   statistics its producer wrote), Mish, FiLM (time table row + observation row), residual add;
-   optionally write the finished activation out once (tile 0), for a later skip connection;
-2. for each tap ``t``: shift the tile's rows with a 0/1 matrix product (``S_t @ A``, exact in any
-   precision; it also does the stride of the down-sampling and the interleaving of the transposed
-   up-sampling convolution) and accumulate ``(S_t A) @ W_t`` in float32.
-The epilogue adds the bias and writes the raw output with its partial statistics (mean and sum of
-squared deviations over the tile) for the consumer's GroupNorm; or, for the last layer, applies
-the sampler's step ``x_next = cx x + c0 clamp(a0 x + a1 out) + co out``. Programs past the
-convolution's tiles compute the block's 1x1 skip convolution from the same input.
+Program (batch row ``b``, tile ``nt`` of ``BN`` output channels, slice ``s`` of ``BK`` input
+channels):
+1. Load the input slice ``(rows, BK)``. When the input is the raw output of an earlier
+   convolution, finish that layer on the fly: GroupNorm (the group's statistics merged from the
+   per-tile partial statistics its producer wrote), Mish, FiLM (time table row + observation
+   row), residual add; tile 0 also writes the finished activation once when a later skip
+   connection needs it.
+2. One matrix product of the slice with every tap's weights side by side, ``(BK, k BN)``
+   (one contiguous block of the rearranged weights).
+3. Write the tap products to scratch and read them back with the rows shifted per tap: output
+   row ``o`` adds tap ``t`` of input row ``o stride + t - pad`` (for the transposed up-sampling
+   convolution, of the input row ``j`` with ``j stride + t - pad = o``). This is the convolution
+   of the slice.
+4. With several slices per tile, leave that in scratch; the last program of the tile to arrive
+   (an atomic counter per tile, reset after) adds the slices in a fixed order: deterministic.
+5. Finish: bias; the raw output with its partial statistics (mean and sum of squared deviations
+   over the tile) for the consumer's GroupNorm, or, in the last layer, the sampler's step
+   ``x_next = cx x + c0 clamp(a0 x + a1 out) + co out``.
+Tiles past the convolution's compute the block's 1x1 skip convolution from the same input.
+
+Measured on an H200 (``benchmarks/sampling.md``): variants that shifted the rows with 0/1 matrix
+products, or looped over several channel slices per program, were slower. At batch 1 every step
+is a chain of dependent memory round trips; fewer steps in the chain is what pays.
 """
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
-"""The fused sampling path's tiling on a GPU: for each ``FusedUnet.block_k`` (the most input
-channels one program reads), the median DDIM-10 ``predict`` at batch 1 (bf16, CUDA graph); then,
-for the best, every kernel's device time in one network call (which convolution costs what).
+"""The fused sampling path's tiling on a GPU: for each setting ``block_k:num_warps`` of
+``FusedUnet`` (the most input channels one program reads; warps per program), the median DDIM-10
+``predict`` at batch 1 (bf16, CUDA graph); then, for the best, every kernel's device time in one
+network call (which convolution costs what).
 
-    cd benchmarks && python3 fused_profile.py --configs 128 64
+    cd benchmarks && python3 fused_profile.py --configs 128:4 64:4 128:8
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from diffusion_policy.nets.fused_unet import FusedUnet, fused_sampler
 
 
 def predictor(policy, dtype: str, config: str) -> FastPredictor:
-    FusedUnet.block_k = int(config)
+    FusedUnet.block_k, FusedUnet.num_warps = (int(v) for v in config.split(":"))
     return FastPredictor(policy, dtype=dtype, fused=True)  # a fresh copy of the net: plans anew
 
 
@@ -60,7 +61,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--calls", type=int, default=100)
-    p.add_argument("--configs", nargs="+", default=["128"], help="values of FusedUnet.block_k")
+    p.add_argument("--configs", nargs="+", default=["128:4"], help="block_k:num_warps")
     args = p.parse_args()
     policy = build_policy("default", SAMPLERS["ddim-10"][0], torch.device("cuda"))
     obs = {k: (torch.rand(1, TO, *s) * 512).cuda() for k, s in SHAPES.items()}

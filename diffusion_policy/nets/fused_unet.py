@@ -93,9 +93,11 @@ def _bias(b: torch.Tensor | None, O: int, device: torch.device) -> torch.Tensor:
 
 class FusedUnet:
     """Plans and runs the fused sampling path of one :class:`ConditionalUnet1D`. ``block_k``: the
-    most input channels one program reads (within one GroupNorm group)."""
+    most input channels one program reads (within one GroupNorm group); ``num_warps`` per
+    program (both measured in ``benchmarks/fused_profile.py``)."""
 
     block_k = 128
+    num_warps = 4
 
     def __init__(self, net):
         self.net = net
@@ -302,7 +304,7 @@ class FusedUnet:
             out, bufs[ln.stats] if ln.stats else out, bufs[ln.skip_out] if ln.skip_out else out,
             bufs[ln.part], bufs[ln.sums] if ln.sums else out, bufs[ln.counter] if ln.counter else out,
             bufs["x"], *(u or (0.0,) * 6), a.L, ln.L_out, nt, ntt,
-            MAT=a.mat is not None, UPDATE=ln.update and u is not None, **ln.consts, num_warps=4)
+            MAT=a.mat is not None, UPDATE=ln.update and u is not None, **ln.consts, num_warps=self.num_warps)
 
 
 def fused_sampler(net) -> FusedUnet:

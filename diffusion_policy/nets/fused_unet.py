@@ -210,7 +210,7 @@ class FusedUnet:
             if extra is not None:
                 raise ValueError("a block with a concatenated input needs a 1x1 skip convolution")
             residual = self._materialize(h)
-            launch, a = self._conv(conv1, h, gn=gn1)
+            _, a = self._conv(conv1, h, gn=gn1)
         else:
             launch, a = self._conv(conv1, h, extra=extra, gn=gn1, skip=blk.skip)
             residual = launch.skip_out
@@ -258,7 +258,6 @@ class FusedUnet:
         t_emb = mlp(sinusoid(times).to(self.dtype))
         film_t = (F.mish(t_emb) @ self.film_wt.t()).float().contiguous()  # (S, sum 2C)
         film_p = F.linear(F.mish(cond.to(self.dtype)), self.film_wc, self.film_b).float().contiguous()
-        film_w = film_t.shape[1]
         dev = cond.device
         rows = None if update is None else update.rows
         state: dict = {}  # horizon -> (launches, buffers): made on the first call, reused by every step

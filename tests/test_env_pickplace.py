@@ -162,15 +162,3 @@ def test_grasp_holds_the_cube_through_fast_moves():
     assert np.linalg.norm(u.cube_pos - u.ee_pos - offset) < 0.015  # measured: 6 mm
     env.close()
 
-
-def test_missing_gl_backend_gives_a_clear_error(monkeypatch):
-    import envs.pickplace as pickplace
-
-    def no_context(*args, **kwargs):
-        raise pickplace.mujoco.FatalError("an OpenGL platform library has not been loaded")
-
-    monkeypatch.setattr(pickplace.mujoco, "Renderer", no_context)
-    env = PickPlaceEnv(obs_mode="image")
-    with pytest.raises(RuntimeError, match="MUJOCO_GL=egl"):
-        env.reset(seed=0)
-    env.close()

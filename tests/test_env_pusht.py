@@ -193,15 +193,3 @@ def test_expert_is_seeded_and_diverse():
     others = [actions(s) for s in (1, 2)]
     assert all(len(o) != len(first) or np.abs(o - first).max() > 0.01 for o in others)
 
-
-def test_missing_gl_backend_is_a_clear_error(monkeypatch):
-    import envs.pusht as pusht
-
-    def no_gl(*args, **kwargs):
-        raise pusht.mujoco.FatalError("gladLoadGL error")
-
-    monkeypatch.setattr(pusht.mujoco, "Renderer", no_gl)
-    env = pusht.PushTEnv(obs_mode="image")
-    with pytest.raises(RuntimeError, match="MUJOCO_GL=egl"):
-        env.reset(seed=0)
-    env.close()

@@ -131,4 +131,3 @@ def test_seeded_regression_values():
     assert r["steps"] == 36
     np.testing.assert_allclose(r["data"]["state"][-1][:2], [0.003763, 0.281422], atol=1e-5)
     np.testing.assert_allclose(r["data"]["action"][10], [0.194756, -0.156524], atol=1e-5)
-

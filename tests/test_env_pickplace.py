@@ -161,4 +161,3 @@ def test_grasp_holds_the_cube_through_fast_moves():
         assert u.finger_contacts() == 2
     assert np.linalg.norm(u.cube_pos - u.ee_pos - offset) < 0.015  # measured: 6 mm
     env.close()
-

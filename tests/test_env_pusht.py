@@ -192,4 +192,3 @@ def test_expert_is_seeded_and_diverse():
     np.testing.assert_array_equal(first, actions(0))
     others = [actions(s) for s in (1, 2)]
     assert all(len(o) != len(first) or np.abs(o - first).max() > 0.01 for o in others)
-

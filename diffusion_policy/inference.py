@@ -90,7 +90,7 @@ class FastPredictor:
             if fused:
                 net.sampling_layout = "fused"
             elif hasattr(net, "sampling_layout") and (compile or cuda_graph):
-                net.sampling_layout = "tokens"  # fused (compile) or launched together (graph)
+                net.sampling_layout = "tokens"  # compiled, or its kernels launched together in a graph
         if compile:
             kw = {"dynamic": False, "mode": None if compile is True else compile}
             if hasattr(net, "compile_sampling"):

@@ -9,7 +9,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 import diffusion_policy.nets.fused_kernels as kernels
-from diffusion_policy.methods.diffusion import StepUpdate
+from diffusion_policy.step_update import StepUpdate
 from diffusion_policy.nets.fused_unet import FusedUnet
 from diffusion_policy.nets.unet1d import ConditionalUnet1D
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffusion_policy.methods import DiffusionMethod, FlowMatching
-from diffusion_policy.methods.diffusion import StepUpdate
+from diffusion_policy.step_update import StepUpdate
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])

@@ -25,7 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from diffusion_policy.methods.diffusion import StepUpdate, check_prefix, denoiser, initial_noise
+from diffusion_policy.methods.diffusion import check_prefix, denoiser, initial_noise
+from diffusion_policy.step_update import StepUpdate
 
 TIME_DISTS = ("uniform", "logit_normal", "beta")
 INTEGRATORS = ("euler", "midpoint", "heun")

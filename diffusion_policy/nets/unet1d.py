@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion_policy.methods.diffusion import StepUpdate
 from diffusion_policy.nets.time_embedding import TimeMLP, broadcast_time
+from diffusion_policy.step_update import StepUpdate
 
 SAMPLING_LAYOUTS = ("auto", "tokens", "fused", "direct")
 
@@ -217,7 +217,7 @@ class ConditionalUnet1D(nn.Module):
         """``f(x (B, H, Da), i) -> forward(x, times[i], cond)`` for a sampler that calls the network
         at the S times ``times (S,)`` with one condition (see the module docstring). Everything
         that depends on the observations or the times alone is computed here, once. With
-        ``update`` (a :class:`~diffusion_policy.methods.diffusion.StepUpdate`), ``f`` returns the
+        ``update`` (a :class:`~diffusion_policy.step_update.StepUpdate`), ``f`` returns the
         sampler's next chunk ``update.apply(x, forward(...), i)``, computed with the last layer."""
         B = cond.shape[0]
         layout = self.sampling_layout

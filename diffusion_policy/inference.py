@@ -59,7 +59,9 @@ class FastPredictor:
     ``fused``: run the UNet's sampling path as one Triton kernel per convolution
     (``diffusion_policy.nets.fused_unet``; CUDA; the first call compiles the kernels: seconds)
     for batches up to ``net.fused_max_batch`` (2): the fastest at batch 1 (a robot's control
-    loop). Larger batches take the sampling path of ``compile`` (compiled when it is given).
+    loop). Larger batches take the layout of ``compile``: compiled when ``compile`` is given too
+    (a combination not yet measured on a GPU), else op by op in the graph (14 ms for DDIM-10 at
+    batch 1 on an H200, far slower: pass ``compile`` alone for batches above 2).
     Use it with ``dtype="bf16"``: in float32 the kernels' products are exact but slow (13 ms per
     DDIM-10 chunk on an H200); that mode exists to check them against ``Policy.predict``.
     """

@@ -15,8 +15,10 @@ class StepUpdate:
 
     def __init__(self, rows: list[tuple[float, ...]], device: torch.device):
         self.rows = [tuple(float(v) for v in r) for r in rows]
-        if any(len(r) != 6 for r in self.rows):
-            raise ValueError("each StepUpdate row is (a0, a1, cx, c0, co, clip)")
+        bad = [i for i, r in enumerate(self.rows) if len(r) != 6]
+        if bad:
+            raise ValueError(f"StepUpdate row {bad[0]} has {len(self.rows[bad[0]])} values; each row is "
+                             f"(a0, a1, cx, c0, co, clip)")
         self.table = torch.tensor(self.rows, dtype=torch.float32, device=device)  # (S, 6)
 
     @staticmethod

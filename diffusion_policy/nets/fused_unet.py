@@ -155,12 +155,15 @@ class FusedUnet:
         w = conv.weight.detach()
         if transposed:
             if conv.output_padding[0] != 0 or conv.dilation[0] != 1:
-                raise ValueError("the fused sampling path handles ConvTranspose1d without output padding only")
+                raise ValueError(f"the fused sampling path handles ConvTranspose1d without output padding or "
+                                 f"dilation; got output_padding={conv.output_padding[0]}, "
+                                 f"dilation={conv.dilation[0]}")
             w = w.transpose(0, 1)  # (C, O, k) -> (O, C, k)
             L_out = (h.L - 1) * stride - 2 * pad + k
         else:
             if conv.dilation[0] != 1 or conv.groups != 1:
-                raise ValueError("the fused sampling path handles plain Conv1d layers only")
+                raise ValueError(f"the fused sampling path handles plain Conv1d layers (dilation 1, groups 1); "
+                                 f"got dilation={conv.dilation[0]}, groups={conv.groups}")
             L_out = (h.L + 2 * pad - k) // stride + 1
         O = w.shape[0]
         CA, CB = h.C, (extra.C if extra is not None else 0)

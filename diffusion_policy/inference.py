@@ -13,16 +13,20 @@ one from Python their launch cost, not the arithmetic, sets the latency. What re
 - or, for batches of 1-2, ``fused=True``: the sampling path as one Triton kernel per
   convolution (``diffusion_policy.nets.fused_unet``; 2.27 ms against 2.91 ms compiled for a
   DDIM-10 chunk at batch 1 in bf16 on an H200);
-- one CUDA graph per (batch size, steps, prefix length) holding the whole ``predict``: normalize,
-  encode, every sampler step, unnormalize. A call copies the observation and the starting noise
-  into the graph's static inputs, replays it and copies the chunk out.
+- one CUDA graph per (batch size, steps, prefix length, observation shapes, noise source) holding
+  the whole ``predict``: normalize, encode, every sampler step, unnormalize. A call copies each
+  observation straight into the graph's static input (one copy per key, from the host or the
+  device), replays the graph and copies the chunk out.
 
 Exactness: with ``dtype="fp32"`` the chunk equals ``Policy.predict``'s up to float rounding (the
-tests compare them). The starting noise is drawn outside the graph from ``generator`` exactly as
-``predict`` draws it, so per-row generators keep their meaning. A stochastic sampler (DDPM) draws
-fresh noise at every step; its steps cannot take a generator inside a graph, so a DDPM call with a
-generator runs without the graph (same result as ``predict``), and one without runs in the graph
-on the device's default generator.
+tests compare them). With a ``generator`` the starting noise is drawn outside the graph from it
+exactly as ``predict`` draws it and copied in, so per-row generators keep their meaning. Without
+one it is drawn inside the graph from the device's default generator (the capture registers the
+generator's offset, so each replay draws fresh noise): such a call launches nothing before the
+replay but the observation copies. A stochastic sampler (DDPM) draws fresh noise at every step;
+its steps cannot take a generator inside a graph, so a DDPM call with a generator runs without
+the graph (same result as ``predict``), and one without runs in the graph on the device's default
+generator.
 
 ``dtype="bf16"`` keeps a bf16 copy of the denoiser (the matrix products run in bf16; activations,
 GroupNorm and the sampler's state stay float32); the policy itself is not modified. With bf16,
@@ -50,9 +54,9 @@ class FastPredictor:
     inductor's default mode or a mode name, e.g. ``"max-autotune-no-cudagraphs"`` (autotuned
     matrix-product kernels; minutes to compile). Modes with their own CUDA graphs
     (``reduce-overhead``, ``max-autotune``) would nest graphs in ours: use ``cuda_graph`` instead. ``cuda_graph``:
-    capture each (batch, steps, prefix length) once and replay it (default: on for CUDA; graphs
-    need CUDA). ``warmup``: calls run before a capture (compilation and cuDNN/cuBLAS autotuning
-    happen there, outside the graph). ``pad_to``: calls with fewer rows are padded to this many
+    capture each (batch, steps, prefix length, noise source) once and replay it (default: on for
+    CUDA; graphs need it). ``warmup``: calls run before a capture (compilation and cuDNN/cuBLAS
+    autotuning happen there, outside the graph). ``pad_to``: calls with fewer rows are padded to this many
     (copies of the first row) and the padding dropped from the result, so that one compiled
     shape and one graph serve every batch size up to it (e.g. an evaluation whose environments
     finish at different times); rows do not interact, so padding changes no row's chunk.
@@ -124,57 +128,80 @@ class FastPredictor:
                 prefix: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, H, Da)`` raw action chunks; arguments as :meth:`Policy.predict`."""
         policy = self.policy
-        obs = {k: torch.as_tensor(obs[k]).to(self.device, non_blocking=True) if k in obs else None
-               for k in policy.obs_keys}
-        missing = [k for k, v in obs.items() if v is None]
+        missing = [k for k in policy.obs_keys if k not in obs]
         if missing:
             raise KeyError(f"observation is missing keys {missing} (policy obs_keys: {policy.obs_keys})")
+        # not moved yet (as_tensor is free for numpy arrays and tensors): the graph path copies
+        # each straight into its static input
+        obs = {k: torch.as_tensor(obs[k]) for k in policy.obs_keys}
         B = next(iter(obs.values())).shape[0]
         shape = (B, policy.horizon, policy.action_dim)
-        noise = initial_noise(shape, generator, self.device)
         if prefix is not None:
             prefix = torch.as_tensor(prefix).to(self.device, torch.float32)
         # DDPM draws noise at every step from the caller's generators: such a call runs as
         # Policy.predict does (no graph, no padding rows that would draw from them too)
         if policy.method.stochastic and generator is not None:
-            return self._run(obs, num_steps, generator, prefix, noise)
+            obs = {k: v.to(self.device, non_blocking=True) for k, v in obs.items()}
+            return self._run(obs, num_steps, generator, prefix, initial_noise(shape, generator, self.device))
+        # None: the graph draws it (no launch before the replay)
+        noise = None if self.noise_in_graph(generator) else initial_noise(shape, generator, self.device)
         if self.pad_to is not None and B < self.pad_to:
             pad = lambda t: torch.cat([t, t[:1].expand(self.pad_to - B, *t.shape[1:])])  # noqa: E731
-            obs = {k: pad(v) for k, v in obs.items()}
-            noise, prefix = pad(noise), None if prefix is None else pad(prefix)
+            obs = {k: pad(v.to(self.device, non_blocking=True)) for k, v in obs.items()}
+            noise, prefix = (None if t is None else pad(t) for t in (noise, prefix))
             return self._predict(obs, num_steps, prefix, noise)[:B]
         return self._predict(obs, num_steps, prefix, noise)
 
+    def noise_in_graph(self, generator) -> bool:
+        """Whether a call with ``generator`` draws its starting noise inside the CUDA graph (on
+        the device's default generator) rather than outside it from ``generator``."""
+        return self.cuda_graph and generator is None
+
     def _predict(self, obs, num_steps, prefix, noise) -> torch.Tensor:
-        B = noise.shape[0]
         if not self.cuda_graph:
+            obs = {k: v.to(self.device, non_blocking=True) for k, v in obs.items()}
             return self._run(obs, num_steps, None, prefix, noise)
-        P = 0 if prefix is None else int(prefix.shape[1])
-        key = (B, num_steps, P, tuple((k, tuple(v.shape), v.dtype) for k, v in obs.items()))
+        key = self.graph_key(obs, num_steps, prefix, noise is None)
         graph = self._graphs.get(key)
         if graph is None:
             graph = self._graphs[key] = self._capture(obs, num_steps, prefix, noise)
         return graph.replay(obs, prefix, noise)
 
+    @staticmethod
+    def graph_key(obs: dict, num_steps, prefix, noise_in_graph: bool) -> tuple:
+        """The graph that serves a call: batch, steps, prefix length, the observations' shapes and
+        dtypes (of the caller's arrays, on any device) and where the starting noise comes from (a
+        graph that draws it never serves a call that brings it, nor the reverse)."""
+        B = next(iter(obs.values())).shape[0]
+        P = 0 if prefix is None else int(prefix.shape[1])
+        return (B, num_steps, P, noise_in_graph, tuple((k, tuple(v.shape), v.dtype) for k, v in obs.items()))
+
     def _capture(self, obs, num_steps, prefix, noise) -> "_Graph":
-        static_obs = {k: v.clone() for k, v in obs.items()}
+        dev = self.device
+        static_obs = {k: torch.empty(v.shape, dtype=v.dtype, device=dev).copy_(v) for k, v in obs.items()}
         static_prefix = None if prefix is None else prefix.clone()
-        static_noise = noise.clone()
+        static_noise = None if noise is None else noise.clone()  # None: drawn in the graph
+        graph, out = self._record(lambda: self._run(static_obs, num_steps, None, static_prefix, static_noise))
+        return _Graph(graph, static_obs, static_prefix, static_noise, out)
+
+    def _record(self, fn) -> tuple:
+        """Capture ``fn()`` in a CUDA graph: the graph and ``fn``'s output buffer."""
         dev = self.device
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graph requires
             for _ in range(max(1, self.warmup)):
-                self._run(static_obs, num_steps, None, static_prefix, static_noise)
+                fn()
         torch.cuda.current_stream(dev).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):  # its own memory pool: graphs of other shapes replay in any order
-            out = self._run(static_obs, num_steps, None, static_prefix, static_noise)
-        return _Graph(graph, static_obs, static_prefix, static_noise, out)
+            out = fn()
+        return graph, out
 
 
 class _Graph:
-    """One captured ``predict``: static inputs, the graph, its output buffer."""
+    """One captured ``predict``: static inputs (``noise`` None when the graph draws it), the
+    graph, its output buffer."""
 
     def __init__(self, graph, obs, prefix, noise, out):
         self.graph, self.obs, self.prefix, self.noise, self.out = graph, obs, prefix, noise, out
@@ -184,6 +211,7 @@ class _Graph:
             self.obs[k].copy_(v, non_blocking=True)
         if prefix is not None:
             self.prefix.copy_(prefix, non_blocking=True)
-        self.noise.copy_(noise, non_blocking=True)
+        if self.noise is not None:
+            self.noise.copy_(noise, non_blocking=True)
         self.graph.replay()
         return self.out.clone()  # the buffer is overwritten by the next replay

@@ -243,3 +243,88 @@ def test_methods_say_whether_sampling_draws_noise_after_the_start():
     assert {name: build_method(cfg).stochastic for name, cfg in METHODS.items()} == {
         "ddim": False, "ddpm": True, "dpmsolver": False, "flow_heun": False}
     assert build_method(MethodConfig(name="regression")).stochastic is False
+
+
+class EagerGraph:
+    """A CUDA graph's stand-in on the CPU: a replay runs the captured function again (reading the
+    same static inputs, drawing fresh noise from the default generator) into the output buffer."""
+
+    def __init__(self, fn):
+        self.fn, self.out = fn, fn()
+
+    def replay(self):
+        self.out.copy_(self.fn())
+
+
+def graphed(policy: Policy, **kw) -> FastPredictor:
+    """A CPU FastPredictor that takes the graph path (keys, static inputs, noise source) with
+    EagerGraph in place of the CUDA capture."""
+    fast = FastPredictor(policy, **kw)
+    fast.cuda_graph = True
+
+    def record(fn):
+        graph = EagerGraph(fn)
+        return graph, graph.out
+
+    fast._record = record
+    return fast
+
+
+@pytest.mark.parametrize("method", ["ddim", "flow_heun"])
+def test_graph_draws_the_noise_without_a_generator_and_copies_it_in_with_one(method):
+    policy = make_policy(METHODS[method])
+    fast = graphed(policy)
+    assert fast.noise_in_graph(None) and not fast.noise_in_graph(gens(2))
+    fast.predict(obs_batch(2, seed=1))  # captures
+    (graph,) = fast._graphs.values()
+    assert graph.noise is None
+    # a numpy window of the same shape and dtype replays the same graph, copied into its input
+    obs = {"state": obs_batch(2, seed=2)["state"].numpy()}
+    torch.manual_seed(5)
+    out = fast.predict(obs)
+    torch.manual_seed(5)
+    assert rel(out, policy.predict(obs)) < 1e-5
+    assert len(fast._graphs) == 1
+    assert rel(fast.predict(obs), out) > 1e-3  # each replay draws fresh noise
+    # with generators the noise comes from them: another graph, which gets it copied in
+    for seed in (1, 3):
+        obs = obs_batch(2, seed=seed)
+        assert rel(fast.predict(obs, generator=gens(2)), policy.predict(obs, generator=gens(2))) < 1e-5
+    assert sorted(key[3] for key in fast._graphs) == [False, True]
+    assert [g.noise is None for g in fast._graphs.values()] == [True, False]
+
+
+def test_graph_key_follows_the_callers_arrays_not_their_device():
+    obs = obs_batch(2)
+    key = FastPredictor.graph_key(obs, 5, None, True)
+    assert FastPredictor.graph_key({"state": obs["state"].to("meta")}, 5, None, True) == key
+    assert FastPredictor.graph_key({"state": obs["state"].double()}, 5, None, True) != key
+    assert FastPredictor.graph_key(obs, 5, None, False) != key
+    assert FastPredictor.graph_key(obs, 5, torch.zeros(2, 3, DA), True) != key
+
+
+def test_ddpm_with_generators_skips_the_graph_and_without_draws_in_it():
+    policy = make_policy(METHODS["ddpm"])
+    fast = graphed(policy)
+    obs = obs_batch(2)
+    assert rel(fast.predict(obs, generator=gens(2)), policy.predict(obs, generator=gens(2))) < 1e-5
+    assert not fast._graphs
+    fast.predict(obs)
+    torch.manual_seed(5)
+    out = fast.predict(obs)
+    torch.manual_seed(5)
+    assert rel(out, policy.predict(obs)) < 1e-5
+    assert [g.noise is None for g in fast._graphs.values()] == [True]
+
+
+def test_padded_graph_draws_every_rows_noise():
+    policy = make_policy(METHODS["ddim"])
+    fast = graphed(policy, pad_to=4)
+    obs = obs_batch(2)
+    fast.predict(obs)
+    torch.manual_seed(5)
+    out = fast.predict(obs)
+    torch.manual_seed(5)
+    noise = torch.randn(4, H, DA)  # the graph's draw: the padded batch
+    assert out.shape == (2, H, DA) and rel(out, policy.predict(obs, noise=noise[:2])) < 1e-5
+    assert [key[0] for key in fast._graphs] == [4]

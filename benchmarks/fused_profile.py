@@ -1,9 +1,19 @@
-"""The fused sampling path's tiling on a GPU: for each setting ``block_k:num_warps`` of
-``FusedUnet`` (the most input channels one program reads; warps per program), the median DDIM-10
-``predict`` at batch 1 (bf16, CUDA graph); then, for the best, every kernel's device time in one
-network call (which convolution costs what).
+"""The fused sampling path's tiling on a GPU: for each setting ``block_k:num_warps[:nopdl]`` of
+``FusedUnet`` (the most input channels one program reads; warps per program; ``nopdl`` turns
+programmatic dependent launch off), the median DDIM-10 ``predict`` at batch 1 (bf16, CUDA
+graph); then, for the best:
+- where a ``predict`` call's time goes: the whole call, the graph's replay alone, the replay's
+  device time (CUDA events);
+- every kernel's device time in one network call (which convolution costs what), and the
+  kernels outside the network calls.
 
-    cd benchmarks && python3 fused_profile.py --configs 128:4 64:4 128:8
+    cd benchmarks && python3 fused_profile.py --configs 128:4 128:4:nopdl
+
+``--ncu``: instead, run one network call's kernels outside a graph between
+``cudaProfilerStart``/``Stop``, for Nsight Compute:
+
+    ncu --profile-from-start off -k regex:conv_kernel --section SpeedOfLight \\
+        python3 fused_profile.py --ncu
 """
 from __future__ import annotations
 
@@ -19,33 +29,59 @@ from diffusion_policy.inference import FastPredictor
 from diffusion_policy.nets.fused_unet import FusedUnet, fused_sampler
 
 
-def predictor(policy, dtype: str, config: str) -> FastPredictor:
-    FusedUnet.block_k, FusedUnet.num_warps = (int(v) for v in config.split(":"))
-    return FastPredictor(policy, dtype=dtype, fused=True)  # a fresh copy of the net: plans anew
+def predictor(policy, dtype: str, config: str, **kw) -> FastPredictor:
+    parts = config.split(":")
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("pdl", "nopdl")):
+        raise SystemExit(f"a config is block_k:num_warps[:pdl|nopdl], got {config!r}")
+    FusedUnet.block_k, FusedUnet.num_warps = int(parts[0]), int(parts[1])
+    FusedUnet.pdl = len(parts) == 2 or parts[2] == "pdl"
+    return FastPredictor(policy, dtype=dtype, fused=True, **kw)  # a fresh copy of the net: plans anew
+
+
+def timed(fn, calls: int) -> float:
+    """Median milliseconds of ``fn()`` with the device synchronised around each call."""
+    times = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
 
 
 def median_ms(fast, obs, calls: int) -> float:
     for _ in range(5):
         fast.predict(obs, num_steps=10)
-    times = []
+    return timed(lambda: fast.predict(obs, num_steps=10), calls)
+
+
+def breakdown(fast, obs, calls: int) -> None:
+    """A ``predict`` call against its graph's replay alone and the replay's device time."""
+    graph = next(iter(fast._graphs.values())).graph
+    whole = timed(lambda: fast.predict(obs, num_steps=10), calls)
+    replay = timed(graph.replay, calls)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    device = []
     for _ in range(calls):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fast.predict(obs, num_steps=10)
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        device.append(start.elapsed_time(end))
+    print(f"predict {whole:.3f} ms; graph replay alone {replay:.3f} ms (host to host); "
+          f"replay on the device {np.median(device):.3f} ms (CUDA events); medians of {calls}")
 
 
 def kernel_table(fast, obs) -> None:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fast.predict(obs, num_steps=10)
         torch.cuda.synchronize()
-    kernels = sorted([e for e in prof.events() if e.device_type.name == "CUDA" and "conv_kernel" in e.name],
-                     key=lambda e: e.time_range.start)
+    kernels = sorted([e for e in prof.events() if e.device_type.name == "CUDA"], key=lambda e: e.time_range.start)
+    conv = [e for e in kernels if "conv_kernel" in e.name]
     launches, _ = fused_sampler(fast.net)._plan(16)
     n = len(launches)
-    step = kernels[n : 2 * n]  # the second network call
+    step = conv[n : 2 * n]  # the second network call
     t0 = step[0].time_range.start
     for ln, e in zip(launches, step):
         c = ln.consts
@@ -55,27 +91,56 @@ def kernel_table(fast, obs) -> None:
     span = step[-1].time_range.end - step[0].time_range.start
     busy = sum(e.time_range.elapsed_us() for e in step)
     print(f"one network call: {span:.1f} us from first start to last end, {busy:.1f} us in kernels")
+    others = [e for e in kernels if "conv_kernel" not in e.name]
+    total = kernels[-1].time_range.end - kernels[0].time_range.start
+    print(f"whole call on the device: {total:.1f} us from first kernel start to last end; "
+          f"{len(conv)} fused kernels, {len(others)} others ({sum(e.time_range.elapsed_us() for e in others):.1f} us):")
+    for e in others:
+        print(f"   {e.time_range.start - kernels[0].time_range.start:8.1f} us  {e.time_range.elapsed_us():6.2f} us  "
+              f"{e.name[:90]}")
+
+
+def ncu_call(policy, dtype: str, config: str) -> None:
+    """One network call's kernels, launched one by one, between cudaProfilerStart and Stop."""
+    fast = predictor(policy, dtype, config, cuda_graph=False)
+    obs = {k: (torch.rand(1, TO, *s) * 512).cuda() for k, s in SHAPES.items()}
+    for _ in range(2):
+        fast.predict(obs, num_steps=1)  # compiles the kernels
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    fast.predict(obs, num_steps=1)
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+    for ln in fused_sampler(fast.net)._plan(16)[0]:
+        c = ln.consts
+        print(f"in {c['CA']}+{c['CB']} out {ln.O} L {ln.a.L}->{ln.L_out} k{c['KT']} BK {c['BK']} "
+              f"split {c['SPLIT']} tiles {ln.w.shape[0]}{'+skip' if ln.ws is not None else ''}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--calls", type=int, default=100)
-    p.add_argument("--configs", nargs="+", default=["128:4"], help="block_k:num_warps")
+    p.add_argument("--configs", nargs="+", default=["128:4"], help="block_k:num_warps[:pdl|nopdl]")
+    p.add_argument("--ncu", action="store_true", help="one network call for Nsight Compute (first config)")
     args = p.parse_args()
     policy = build_policy("default", SAMPLERS["ddim-10"][0], torch.device("cuda"))
-    obs = {k: (torch.rand(1, TO, *s) * 512).cuda() for k, s in SHAPES.items()}
     print(torch.cuda.get_device_name(), torch.__version__)
+    if args.ncu:
+        ncu_call(policy, args.dtype, args.configs[0])
+        return
+    obs = {k: (torch.rand(1, TO, *s) * 512).cuda() for k, s in SHAPES.items()}
     results = {}
     for config in args.configs:
         t0 = time.perf_counter()
         fast = predictor(policy, args.dtype, config)
         results[config] = median_ms(fast, obs, args.calls)
-        print(f"{config:>10}: DDIM-10 median {results[config]:.3f} ms ({time.perf_counter() - t0:.0f} s)", flush=True)
+        print(f"{config:>12}: DDIM-10 median {results[config]:.3f} ms ({time.perf_counter() - t0:.0f} s)", flush=True)
     best = min(results, key=results.get)
     print(f"best {best}: {results[best]:.3f} ms")
     fast = predictor(policy, args.dtype, best)
     median_ms(fast, obs, 3)  # capture the graph: the profiled call replays it
+    breakdown(fast, obs, args.calls)
     kernel_table(fast, obs)
 
 

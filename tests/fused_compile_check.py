@@ -5,7 +5,8 @@ import inspect
 
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 
 import diffusion_policy.nets.fused_kernels as kernels
@@ -13,10 +14,8 @@ from diffusion_policy.step_update import StepUpdate
 from diffusion_policy.nets.fused_unet import FusedUnet
 from diffusion_policy.nets.unet1d import ConditionalUnet1D
 
-TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.int32: "*i32"}
 
-
-def main() -> None:
+def main() -> list:
     kernel = kernels.conv_kernel
     calls = []
 
@@ -31,17 +30,29 @@ def main() -> None:
         FusedUnet(net).prepare(torch.randn(1, 10), torch.tensor([1000.0, 500.0]), update)(torch.randn(1, 16, 2), 1)
     kernels.conv_kernel = kernel
     names = list(inspect.signature(kernel.fn).parameters)
-    variants = {}
+    variants, compiled = {}, []
     for args, kwargs in calls:
-        kwargs = {k: v for k, v in kwargs.items() if k != "num_warps"}
-        variants[tuple(sorted(kwargs.items()))] = (args, kwargs)
-    for args, kwargs in variants.values():
-        sig = {n: TYPES[v.dtype] if isinstance(v, torch.Tensor) else "fp32" if isinstance(v, float) else "i32"
-               for n, v in zip(names, args)}
+        # as on a Hopper GPU: programmatic dependent launch on (on the CPU the planner turns it off)
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("num_warps", "launch_pdl")} | {"PDL": True}
+        # the launcher's specialization: pointers and integers divisible by 16 get that hint (the
+        # loads' vector width depends on it), an integer 1 becomes a constant
+        spec = tuple(native_specialize_impl(BaseBackend, v, False, n not in kernel.do_not_specialize, True)
+                     for n, v in zip(names, args))
+        variants[(spec, tuple(sorted(kwargs.items())))] = (args, spec, kwargs)
+    for args, spec, kwargs in variants.values():
+        sig, attrs, consts = {}, {}, {(names.index(n),): v for n, v in kwargs.items()}
+        for i, (n, (ty, key)) in enumerate(zip(names, spec)):
+            sig[n] = ty
+            if ty == "constexpr":
+                consts[(i,)] = key
+            elif key == "D":
+                attrs[(i,)] = BaseBackend.parse_attr(key)
         sig.update({n: "constexpr" for n in kwargs})
-        src = ASTSource(kernel, sig, constexprs={(names.index(n),): v for n, v in kwargs.items()})
-        assert triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
+        src = ASTSource(kernel, sig, constexprs=consts, attrs=attrs)
+        compiled.append((dict(zip(names, args)) | kwargs, triton.compile(src, target=GPUTarget("cuda", 90, 32))))
+        assert compiled[-1][1].asm["cubin"]
     print(f"{len(calls)} launches, {len(variants)} kernel variants compiled for sm_90")
+    return compiled
 
 
 if __name__ == "__main__":

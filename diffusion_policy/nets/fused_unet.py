@@ -22,6 +22,7 @@ channels (a clear error otherwise), and the UNet's own layer shapes.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -41,15 +42,22 @@ def _round_up(n: int, m: int) -> int:
 
 @dataclass
 class _Act:
-    """The running activation: buffer ``buf`` ``(B, L, C)``; ``norm`` when it is the raw output of
-    a convolution still to be finished by its consumer: ``(stats buffer, GroupNorm, FiLM block
-    index or None, residual buffer or None)``; ``mat``: a buffer that the consumer writes the
-    finished activation to (a skip connection needs it later)."""
+    """An activation ``(B, L, C)``: buffer ``buf`` holding ``split`` partial sums ``(split, B, L, C)``
+    (a convolution's output, one per channel slice of its producer; ``bias`` still to add) or,
+    with ``split`` 1 and no bias, the activation itself. ``norm``: ``(GroupNorm, FiLM block index
+    or None, residual _Act or None)`` when its consumer must still apply them (then Mish too).
+    ``mat``: a buffer its consumer writes the finished activation to (a later layer needs it)."""
     buf: str
     L: int
     C: int
+    split: int = 1
+    bias: torch.Tensor | None = None
     norm: tuple | None = None
     mat: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.split == 1 and self.bias is None and self.norm is None
 
 
 @dataclass
@@ -61,13 +69,10 @@ class _Launch:
     out: str
     L_out: int
     O: int
-    stats: str | None = None
     ws: torch.Tensor | None = None  # the 1x1 skip convolution: (NTS, CA_PAD + CB_PAD, 1, BN)
     bs: torch.Tensor | None = None
     skip_out: str | None = None
-    part: str | None = None  # the channel slices' tap products, their sums, their arrival counters
-    sums: str | None = None
-    counter: str | None = None
+    split: int = 1  # programs per output tile: one per slice of input channels
     update: bool = False
     consts: dict = field(default_factory=dict)
 
@@ -93,11 +98,14 @@ def _bias(b: torch.Tensor | None, O: int, device: torch.device) -> torch.Tensor:
 
 class FusedUnet:
     """Plans and runs the fused sampling path of one :class:`ConditionalUnet1D`. ``block_k``: the
-    most input channels one program reads (within one GroupNorm group); ``num_warps`` per
-    program (both measured in ``benchmarks/fused_profile.py``)."""
+    most input channels one program reads when its input needs no GroupNorm (with GroupNorm: one
+    group); ``num_warps`` per program; ``pdl``: programmatic dependent launch (Hopper and later;
+    all measured in ``benchmarks/fused_profile.py``)."""
 
     block_k = 128
     num_warps = 4
+    pdl = True
+    max_tile = 4096  # most float32 elements of one program's input slice (rows x channels)
 
     def __init__(self, net):
         self.net = net
@@ -124,29 +132,31 @@ class FusedUnet:
         self._gn = {id(m): (m.weight.detach().float().contiguous(), m.bias.detach().float().contiguous())
                     for m in net.modules() if isinstance(m, nn.GroupNorm)}
         self._plans: dict[int, tuple[list[_Launch], dict]] = {}
+        self._buffers: dict[tuple, dict] = {}
 
     # ---------------------------------------------------------------------------- planning
     def _plan(self, H: int) -> tuple[list[_Launch], dict]:
-        """The launches for horizon ``H`` and the buffers they use (name -> shape after ``B``)."""
+        """The launches for horizon ``H`` and the buffers they use (name -> shape, ``B`` for the
+        batch size)."""
         if H not in self._plans:
             self._launches: list[_Launch] = []
-            self._shapes: dict[str, tuple[int, ...]] = {}
+            self._shapes: dict[str, tuple] = {}
             self._walk(H)
             self._plans[H] = (self._launches, self._shapes)
         return self._plans[H]
 
-    def _buffer(self, name: str, *shape: int) -> str:
+    def _buffer(self, name: str, *shape) -> str:
         name = f"{name}{len(self._shapes)}"
         self._shapes[name] = shape
         return name
 
-    def _materialize(self, h: _Act) -> str:
-        """The buffer holding ``h`` finished (written by ``h``'s consumer when ``h`` is pending)."""
-        if h.norm is None:
-            return h.buf
+    def _materialize(self, h: _Act) -> _Act:
+        """``h`` as a finished buffer (written by ``h``'s consumer unless ``h`` is finished)."""
+        if h.finished:
+            return h
         if h.mat is None:
-            h.mat = self._buffer("act", h.L, h.C)
-        return h.mat
+            h.mat = self._buffer("act", "B", h.L, h.C)
+        return _Act(h.mat, h.L, h.C)
 
     def _conv(self, conv: nn.Module, h: _Act, *, extra: _Act | None = None, gn: nn.GroupNorm | None = None,
               skip: nn.Conv1d | None = None, update: bool = False) -> tuple[_Launch, _Act]:
@@ -167,42 +177,40 @@ class FusedUnet:
             L_out = (h.L + 2 * pad - k) // stride + 1
         O = w.shape[0]
         CA, CB = h.C, (extra.C if extra is not None else 0)
-        cg_in = h.norm[1].num_channels // h.norm[1].num_groups if h.norm is not None else BN
-        if h.norm is not None:
-            BK = min(self.block_k, cg_in)  # a slice of channels lies in one GroupNorm group
+        LP = _pow2(h.L, 1)
+        cg_in = h.norm[0].num_channels // h.norm[0].num_groups if h.norm is not None else BN
+        if update:  # the last layer: one slice of every input channel, so the program can finish
+            BK = _pow2(CA + CB)
+        elif h.norm is not None:
+            BK = cg_in  # a slice holds one whole GroupNorm group: its statistics are its own
         else:
-            BK = min(self.block_k, _pow2(CA))
+            BK = min(self.block_k, _pow2(CA), max(16, self.max_tile // LP))
             while CA % BK and BK > 16:
                 BK //= 2
         parts = [(CA, _round_up(CA, BK)), (CB, _round_up(CB, BK))]
         split = (parts[0][1] + parts[1][1]) // BK  # programs per output tile, one per channel slice
-        L = max(h.L, L_out)
         launch = _Launch(
-            a=h, b=None if extra is None else self._materialize(extra),
+            a=h, b=None if extra is None else self._materialize(extra).buf,
             w=_tiles(w, parts, self.dtype), bias=_bias(conv.bias, O, w.device),
-            out=self._buffer("raw", L_out, O), L_out=L_out, O=O, update=update)
-        if gn is not None:
-            launch.stats = self._buffer("stats", -(-O // BN), 2)
+            out=self._buffer("out", *(() if update else (split,)), "B", L_out, O), L_out=L_out, O=O,
+            split=split, update=update)
         if skip is not None:
             launch.ws = _tiles(skip.weight.detach(), parts, self.dtype)
             launch.bs = _bias(skip.bias, O, w.device)
-            launch.skip_out = self._buffer("skip", h.L, O)
-        ntt = launch.w.shape[0] + (0 if skip is None else launch.ws.shape[0])
-        launch.part = self._buffer("part", ntt * split, _pow2(L), k * BN)  # tap products per slice
-        if split > 1:
-            launch.sums = self._buffer("sums", ntt * split, _pow2(L), BN)  # each slice's convolution
-            launch.counter = self._buffer("count", ntt)
+            launch.skip_out = self._buffer("skip", split, "B", h.L, O)
+        res = h.norm[2] if h.norm is not None else None
         launch.consts = dict(
-            CA=CA, CB=CB, CA_PAD=parts[0][1], CB_PAD=parts[1][1], O=O, NORM=h.norm is not None,
-            FILM=h.norm is not None and h.norm[2] is not None, RES=h.norm is not None and h.norm[3] is not None,
-            HAS_B=extra is not None, HAS_SKIP=skip is not None, STATS=gn is not None,
-            KT=k, KTP=_pow2(k, 1), STRIDE=stride, PAD=pad, TRANSPOSED=transposed, CG=cg_in,
-            NTPG=max(1, cg_in // BN), SPLIT=split, SP2=_pow2(split, 1), BM=_pow2(L), BK=BK, BN=BN,
-            IEEE=self.dtype == torch.float32)
+            CA=CA, CB=CB, CA_PAD=parts[0][1], CB_PAD=parts[1][1], O=O,
+            A_SPLIT=h.split, A_BIAS=h.bias is not None, NORM=h.norm is not None,
+            FILM=h.norm is not None and h.norm[1] is not None, RES=res is not None,
+            RES_SPLIT=res.split if res is not None else 1, RES_BIAS=res is not None and res.bias is not None,
+            HAS_B=extra is not None, HAS_SKIP=skip is not None,
+            KT=k, STRIDE=stride, PAD=pad, TRANSPOSED=transposed, CG=cg_in,
+            LP=LP, BM=_pow2(max(h.L, L_out)), BK=BK, BN=BN, IEEE=self.dtype == torch.float32)
         self._launches.append(launch)
-        out = _Act(launch.out, L_out, O)
+        out = _Act(launch.out, L_out, O, split=1 if update else split, bias=None if update else launch.bias)
         if gn is not None:
-            out.norm = (launch.stats, gn, None, None)
+            out.norm = (gn, None, None)
         return launch, out
 
     def _block(self, blk, h: _Act, film: int, extra: _Act | None = None) -> _Act:
@@ -216,10 +224,10 @@ class FusedUnet:
             _, a = self._conv(conv1, h, gn=gn1)
         else:
             launch, a = self._conv(conv1, h, extra=extra, gn=gn1, skip=blk.skip)
-            residual = launch.skip_out
-        a.norm = (a.norm[0], gn1, film, None)
+            residual = _Act(launch.skip_out, h.L, launch.O, split=launch.split, bias=launch.bs)
+        a.norm = (gn1, film, None)
         _, out = self._conv(conv2, a, gn=gn2)
-        out.norm = (out.norm[0], gn2, None, residual)
+        out.norm = (gn2, None, residual)
         return out
 
     def _walk(self, H: int) -> None:
@@ -232,7 +240,7 @@ class FusedUnet:
             h = self._block(res1, h, next(films))
             h = self._block(res2, h, next(films))
             if li >= len(net.downs) - n_skips:  # an up level concatenates this output
-                skips.append(_Act(self._materialize(h), h.L, h.C))
+                skips.append(self._materialize(h))
             if not isinstance(down, nn.Identity):
                 _, h = self._conv(down, h)
         for res in net.mids:
@@ -246,6 +254,15 @@ class FusedUnet:
         self._conv(net.final[1], h, update=True)
 
     # ----------------------------------------------------------------------------- running
+    def _state(self, H: int, B: int, device: torch.device) -> tuple[list[_Launch], dict]:
+        """The launches for horizon ``H`` and their buffers for ``B`` rows, kept across chunks."""
+        key = (H, B, str(device))
+        if key not in self._buffers:
+            launches, shapes = self._plan(H)
+            self._buffers[key] = {n: torch.empty([B if d == "B" else d for d in shape], device=device)
+                                  for n, shape in shapes.items()}
+        return self._plan(H)[0], self._buffers[key]
+
     def prepare(self, cond: torch.Tensor, times: torch.Tensor, update=None):
         """As ``ConditionalUnet1D.prepare_sampling``: ``f(x, i)`` -> the network's output at
         ``times[i]``, or the sampler's next chunk with ``update``."""
@@ -256,14 +273,15 @@ class FusedUnet:
         cond = cond.reshape(B, -1)
         if cond.shape[1] != net.cond_dim:
             raise ValueError(f"cond flattens to {cond.shape[1]} features, expected {net.cond_dim}")
-        times = times.reshape(-1).to(cond.device, torch.float32)
+        dev = cond.device
+        times = times.reshape(-1).to(dev, torch.float32)
         sinusoid, mlp = net.time_mlp.net[0], net.time_mlp.net[1:]
         t_emb = mlp(sinusoid(times).to(self.dtype))
         film_t = (F.mish(t_emb) @ self.film_wt.t()).float().contiguous()  # (S, sum 2C)
         film_p = F.linear(F.mish(cond.to(self.dtype)), self.film_wc, self.film_b).float().contiguous()
-        dev = cond.device
+        pdl = (self.pdl and dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9
+               and os.environ.get("TRITON_INTERPRET") != "1")
         rows = None if update is None else update.rows
-        state: dict = {}  # horizon -> (launches, buffers): made on the first call, reused by every step
 
         def f(x: torch.Tensor, i: int) -> torch.Tensor:
             if x.ndim != 3 or x.shape[0] != B or x.shape[2] != net.action_dim:
@@ -271,42 +289,38 @@ class FusedUnet:
             H = x.shape[1]
             if H % net.downsample_factor:
                 raise ValueError(f"horizon H={H} must be divisible by {net.downsample_factor}")
-            if H not in state:
-                launches, shapes = self._plan(H)
-                bufs = {n: torch.empty((B, *s), device=dev) for n, s in shapes.items() if not n.startswith("count")}
-                bufs.update({n: torch.zeros((B, *s), device=dev, dtype=torch.int32)  # reset by the kernel
-                             for n, s in shapes.items() if n.startswith("count")})
-                state[H] = launches, bufs
-            launches, bufs = state[H]
+            launches, bufs = self._state(H, B, dev)
+            bufs = dict(bufs)
             bufs["x"] = x = x.float().contiguous()
             out = torch.empty_like(x)  # the result is the caller's: a fresh tensor every call
             bufs[launches[-1].out] = out
             u = rows[i] if rows is not None else None
             for ln in launches:
-                self._launch(conv_kernel, ln, bufs, B, i, u, film_t, film_p)
+                self._launch(conv_kernel, ln, bufs, B, i, u, film_t, film_p, pdl)
             return out
 
         return f
 
-    def _launch(self, kernel, ln: _Launch, bufs: dict, B: int, i: int, u, film_t, film_p) -> None:
-        """Run one launch at step ``i``; ``u``: the sampler's update row (for the last layer) or None."""
+    def _launch(self, kernel, ln: _Launch, bufs: dict, B: int, i: int, u, film_t, film_p, pdl: bool) -> None:
+        """Run one launch at step ``i``; ``u``: the sampler's update row (for the last layer) or None;
+        ``pdl``: launch it as a programmatic dependent of the kernel before it."""
         a = ln.a
-        stats, gn, film, res = a.norm if a.norm is not None else (None, None, None, None)
+        gn, film, res = a.norm if a.norm is not None else (None, None, None)
         gamma, beta = self._gn[id(gn)] if gn is not None else (ln.bias, ln.bias)
         nt = ln.w.shape[0]
         ntt = nt + (0 if ln.ws is None else ln.ws.shape[0])
         out = bufs[ln.out]
-        kernel[(B, ntt, ln.consts["SPLIT"])](
-            bufs[a.buf], bufs[stats] if stats else out, gamma, beta, float(gn.eps) if gn is not None else 0.0,
-            float(a.L * BN), bufs[stats].shape[1] if stats else 0,
+        kernel[(B, ntt, ln.split)](
+            bufs[a.buf], a.bias if a.bias is not None else ln.bias, gamma, beta,
+            float(gn.eps) if gn is not None else 0.0,
             film_t, film_p, film_t.shape[1], self.film_offsets[film] if film is not None else 0, i,
-            bufs[res] if res else out, bufs[a.mat] if a.mat else out,
-            bufs[ln.b] if ln.b else out, ln.w, ln.bias,
-            ln.ws if ln.ws is not None else ln.w, ln.bs if ln.bs is not None else ln.bias,
-            out, bufs[ln.stats] if ln.stats else out, bufs[ln.skip_out] if ln.skip_out else out,
-            bufs[ln.part], bufs[ln.sums] if ln.sums else out, bufs[ln.counter] if ln.counter else out,
-            bufs["x"], *(u or (0.0,) * 6), a.L, ln.L_out, nt, ntt,
-            MAT=a.mat is not None, UPDATE=ln.update and u is not None, **ln.consts, num_warps=self.num_warps)
+            bufs[res.buf] if res is not None else out, res.bias if res is not None and res.bias is not None else ln.bias,
+            bufs[a.mat] if a.mat else out, bufs[ln.b] if ln.b else out, ln.w,
+            ln.ws if ln.ws is not None else ln.w,
+            out, bufs[ln.skip_out] if ln.skip_out else out, ln.bias,
+            bufs["x"], *(u or (0.0,) * 6), B, a.L, ln.L_out, nt,
+            MAT=a.mat is not None, FINAL=ln.update, UPDATE=ln.update and u is not None, **ln.consts, PDL=pdl,
+            num_warps=self.num_warps, **({"launch_pdl": True} if pdl else {}))
 
 
 def fused_sampler(net) -> FusedUnet:

@@ -1,13 +1,17 @@
-"""The fused sampling path's tiling on a GPU: for each setting ``block_k:num_warps[:nopdl]`` of
-``FusedUnet`` (the most input channels one program reads; warps per program; ``nopdl`` turns
-programmatic dependent launch off), the median DDIM-10 ``predict`` at batch 1 (bf16, CUDA
-graph); then, for the best:
+"""The fused sampling path's settings on a GPU. A config is
+``block_k:num_warps[:pdl[:block_n_wide[:partials[:wide_channels]]]]`` (``FusedUnet``'s
+attributes; omitted ones take its defaults): the most input channels one program reads when its
+input needs no GroupNorm; warps per program; programmatic dependent launch ``off``, ``early``
+(the next kernel launches as each program starts) or ``late`` (as each program ends); output
+channels per program in layers of ``wide_channels`` channels or more; ``fp32`` or ``bf16``
+partial sums. For each: the median DDIM-10 ``predict`` at batch 1 (bf16, CUDA graph); then, for
+the best (``--all``: for each):
 - where a ``predict`` call's time goes: the whole call, the graph's replay alone, the replay's
   device time (CUDA events);
 - every kernel's device time in one network call (which convolution costs what), and the
   kernels outside the network calls.
 
-    cd benchmarks && python3 fused_profile.py --configs 128:4 128:4:nopdl
+    cd benchmarks && python3 fused_profile.py --configs 128:4 128:4:off 128:4:late:16 128:4:late:64:bf16
 
 ``--ncu``: instead, run one network call's kernels outside a graph between
 ``cudaProfilerStart``/``Stop``, for Nsight Compute:
@@ -26,15 +30,22 @@ from sampling_latency import SAMPLERS, SHAPES, TO, build_policy
 from torch.profiler import ProfilerActivity, profile
 
 from diffusion_policy.inference import FastPredictor
-from diffusion_policy.nets.fused_unet import FusedUnet, fused_sampler
+from diffusion_policy.nets.fused_unet import PDL_MODES, FusedUnet, fused_sampler
+
+
+DEFAULTS = {k: getattr(FusedUnet, k) for k in ("pdl", "block_n_wide", "wide_channels")}
 
 
 def predictor(policy, dtype: str, config: str, **kw) -> FastPredictor:
     parts = config.split(":")
-    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("pdl", "nopdl")):
-        raise SystemExit(f"a config is block_k:num_warps[:pdl|nopdl], got {config!r}")
+    if not 2 <= len(parts) <= 6 or (len(parts) >= 3 and parts[2] not in PDL_MODES):
+        raise SystemExit(f"a config is block_k:num_warps[:pdl[:block_n_wide[:partials[:wide_channels]]]] "
+                         f"with pdl one of {list(PDL_MODES)} and partials fp32 or bf16, got {config!r}")
     FusedUnet.block_k, FusedUnet.num_warps = int(parts[0]), int(parts[1])
-    FusedUnet.pdl = len(parts) == 2 or parts[2] == "pdl"
+    FusedUnet.pdl = parts[2] if len(parts) >= 3 else DEFAULTS["pdl"]
+    FusedUnet.block_n_wide = int(parts[3]) if len(parts) >= 4 else DEFAULTS["block_n_wide"]
+    FusedUnet.partials = {"fp32": torch.float32, "bf16": torch.bfloat16}[parts[4]] if len(parts) >= 5 else torch.float32
+    FusedUnet.wide_channels = int(parts[5]) if len(parts) >= 6 else DEFAULTS["wide_channels"]
     return FastPredictor(policy, dtype=dtype, fused=True, **kw)  # a fresh copy of the net: plans anew
 
 
@@ -87,7 +98,7 @@ def kernel_table(fast, obs) -> None:
         c = ln.consts
         print(f"{e.time_range.start - t0:8.1f} us  {e.time_range.elapsed_us():6.2f} us  "
               f"in {c['CA']}+{c['CB']} out {ln.O} L {ln.a.L}->{ln.L_out} k{c['KT']} BK {c['BK']} "
-              f"split {c['SPLIT']} tiles {ln.w.shape[0]}{'+skip' if ln.ws is not None else ''}")
+              f"split {ln.split} tiles {ln.w.shape[0]}{'+skip' if ln.ws is not None else ''}")
     span = step[-1].time_range.end - step[0].time_range.start
     busy = sum(e.time_range.elapsed_us() for e in step)
     print(f"one network call: {span:.1f} us from first start to last end, {busy:.1f} us in kernels")
@@ -114,15 +125,16 @@ def ncu_call(policy, dtype: str, config: str) -> None:
     for ln in fused_sampler(fast.net)._plan(16)[0]:
         c = ln.consts
         print(f"in {c['CA']}+{c['CB']} out {ln.O} L {ln.a.L}->{ln.L_out} k{c['KT']} BK {c['BK']} "
-              f"split {c['SPLIT']} tiles {ln.w.shape[0]}{'+skip' if ln.ws is not None else ''}")
+              f"split {ln.split} tiles {ln.w.shape[0]}{'+skip' if ln.ws is not None else ''}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--calls", type=int, default=100)
-    p.add_argument("--configs", nargs="+", default=["128:4"], help="block_k:num_warps[:pdl|nopdl]")
+    p.add_argument("--configs", nargs="+", default=["128:4"], help="block_k:num_warps[:pdl[:block_n_wide[:partials[:wide_channels]]]]")
     p.add_argument("--ncu", action="store_true", help="one network call for Nsight Compute (first config)")
+    p.add_argument("--all", action="store_true", help="breakdown and kernel table for every config, not just the best")
     args = p.parse_args()
     policy = build_policy("default", SAMPLERS["ddim-10"][0], torch.device("cuda"))
     print(torch.cuda.get_device_name(), torch.__version__)
@@ -138,10 +150,12 @@ def main() -> None:
         print(f"{config:>12}: DDIM-10 median {results[config]:.3f} ms ({time.perf_counter() - t0:.0f} s)", flush=True)
     best = min(results, key=results.get)
     print(f"best {best}: {results[best]:.3f} ms")
-    fast = predictor(policy, args.dtype, best)
-    median_ms(fast, obs, 3)  # capture the graph: the profiled call replays it
-    breakdown(fast, obs, args.calls)
-    kernel_table(fast, obs)
+    for config in args.configs if args.all else [best]:
+        print(f"\n{config}:")
+        fast = predictor(policy, args.dtype, config)
+        median_ms(fast, obs, 3)  # capture the graph: the profiled call replays it
+        breakdown(fast, obs, args.calls)
+        kernel_table(fast, obs)
 
 
 if __name__ == "__main__":

@@ -89,10 +89,11 @@ def test_batches_above_fused_max_batch_take_the_tokens_path(device):
 
 
 def test_fused_path_rejects_what_it_cannot_run(device):
-    net = small_unet(device, down_dims=(32, 64), n_groups=4)  # groups of 8 channels
-    net.sampling_layout = "fused"
-    with pytest.raises(ValueError, match="multiple of 16"):
-        net.prepare_sampling(torch.randn(1, TO, F, device=device), torch.zeros(1, device=device))
+    for dims, groups, cg in [((32, 64), 4, 8), ((96, 192), 2, 48)]:  # too few; not a power of two
+        net = small_unet(device, down_dims=dims, n_groups=groups)
+        net.sampling_layout = "fused"
+        with pytest.raises(ValueError, match=f"power of two >= 16 channels; this UNet has groups of {cg} "):
+            net.prepare_sampling(torch.randn(1, TO, F, device=device), torch.zeros(1, device=device))
     net = small_unet(device, down_dims=(32, 64))
     net.sampling_layout = "fused"
     f = net.prepare_sampling(torch.randn(1, TO, F, device=device), torch.zeros(1, device=device))

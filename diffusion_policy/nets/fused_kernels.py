@@ -51,21 +51,35 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _row(ptr, ch, cmask, LP: tl.constexpr):
+    """A per-channel vector at ``ptr + ch``, read as an ``(LP, BK)`` tile whose rows are all the
+    same: loaded straight in the layout of the activation tile. (A vector loaded on its own
+    would be moved into that layout through shared memory, after waiting for the load.)"""
+    rows = tl.arange(0, LP)
+    return tl.load(ptr + ch[None, :] + rows[:, None] * 0, mask=cmask[None, :] & (rows < LP)[:, None], other=0.0)
+
+
+@triton.jit
 def _partials(src, NS: tl.constexpr, bias, HAS_BIAS: tl.constexpr, b, B, L, C, c0,
-              LP: tl.constexpr, BK: tl.constexpr):
+              LP: tl.constexpr, BK: tl.constexpr, SPC: tl.constexpr):
     """Rows ``[0, LP)`` x channels ``[c0, c0 + BK)`` of batch row ``b`` of ``src`` ``(NS, B, L, C)``
     summed over its ``NS`` partial sums, plus ``bias``; float32, zero outside ``L`` rows and ``C``
-    channels."""
+    channels. The loads of ``SPC`` partial sums at a time are issued together, before any add."""
     rows = tl.arange(0, LP)
     ch = c0 + tl.arange(0, BK)
     cmask = ch < C
     m = (rows < L)[:, None] & cmask[None, :]
     off = (b * L + rows)[:, None] * C + ch[None, :]
-    v = tl.load(src + off, mask=m, other=0.0).to(tl.float32)
-    for sp in tl.static_range(1, NS):
-        v += tl.load(src + sp * B * L * C + off, mask=m, other=0.0)
+    v = tl.zeros((LP, BK), dtype=tl.float32)
     if HAS_BIAS:
-        v += tl.load(bias + ch, mask=cmask, other=0.0)[None, :]
+        v += _row(bias, ch, cmask, LP)
+    for first in tl.static_range(0, NS, SPC):
+        parts = ()
+        for j in tl.static_range(SPC):
+            if first + j < NS:
+                parts = parts + (tl.load(src + (first + j) * B * L * C + off, mask=m, other=0.0),)
+        for j in tl.static_range(len(parts)):
+            v += parts[j].to(tl.float32)
     return tl.where(m, v, 0.0)
 
 
@@ -74,15 +88,28 @@ def _input_tile(src, NS: tl.constexpr, src_bias, SRC_BIAS: tl.constexpr, b, B, c
                 gamma, beta, eps, film_t, film_p, film_w, film_off, step,
                 res, RES_NS: tl.constexpr, res_bias, RES_BIAS: tl.constexpr, mat, write_mat,
                 NORM: tl.constexpr, FILM: tl.constexpr, RES: tl.constexpr, MAT: tl.constexpr,
-                CG: tl.constexpr, LP: tl.constexpr, BK: tl.constexpr):
+                CG: tl.constexpr, LP: tl.constexpr, BK: tl.constexpr, SPC: tl.constexpr,
+                RES_SPC: tl.constexpr):
     """The input's rows ``[0, LP)`` x channels ``[c0, c0 + BK)`` of batch row ``b``, finished:
     partial sums added, then (``NORM``) GroupNorm over the slice's whole groups of ``CG``
-    channels, Mish, FiLM, residual. Float32, zero outside ``L`` rows and ``C`` channels."""
-    v = _partials(src, NS, src_bias, SRC_BIAS, b, B, L, C, c0, LP, BK)
+    channels, Mish, FiLM, residual. Float32, zero outside ``L`` rows and ``C`` channels.
+    Every load is issued before the first reduction: a reduction synchronises the program's
+    warps, and no load is moved across that."""
     rows = tl.arange(0, LP)
     ch = c0 + tl.arange(0, BK)
     m = (rows < L)[:, None] & (ch < C)[None, :]
+    v = _partials(src, NS, src_bias, SRC_BIAS, b, B, L, C, c0, LP, BK, SPC)
     if NORM:
+        cmask = ch < C
+        gam = _row(gamma, ch, cmask, LP)
+        bet = _row(beta, ch, cmask, LP)
+        if FILM:
+            t_row = film_t + step * film_w + film_off
+            p_row = film_p + b * film_w + film_off
+            scale = _row(t_row, ch, cmask, LP) + _row(p_row, ch, cmask, LP)
+            shift = _row(t_row + C, ch, cmask, LP) + _row(p_row + C, ch, cmask, LP)
+        if RES:
+            r = _partials(res, RES_NS, res_bias, RES_BIAS, b, B, L, C, c0, LP, BK, RES_SPC)
         G: tl.constexpr = BK // CG
         n = (L * CG).to(tl.float32)
         v3 = tl.reshape(v, (LP, G, CG))
@@ -90,14 +117,11 @@ def _input_tile(src, NS: tl.constexpr, src_bias, SRC_BIAS: tl.constexpr, b, B, c
         d = tl.where((rows < L)[:, None, None], v3 - mean[None, :, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(d * d, axis=2), axis=0) / n + eps)
         v = tl.reshape(d * rstd[None, :, None], (LP, BK))
-        v = _mish(v * tl.load(gamma + ch)[None, :] + tl.load(beta + ch)[None, :])
+        v = _mish(v * gam + bet)
         if FILM:
-            fo = film_off + ch
-            scale = tl.load(film_t + step * film_w + fo) + tl.load(film_p + b * film_w + fo)
-            shift = tl.load(film_t + step * film_w + fo + C) + tl.load(film_p + b * film_w + fo + C)
-            v = v * scale[None, :] + shift[None, :]
+            v = v * scale + shift
         if RES:
-            v += _partials(res, RES_NS, res_bias, RES_BIAS, b, B, L, C, c0, LP, BK)
+            v += r
         v = tl.where(m, v, 0.0)
     if MAT:
         tl.store(mat + (b * L + rows)[:, None] * C + ch[None, :], v, mask=m & write_mat)
@@ -152,7 +176,7 @@ def _tile(taps, dst, n, b, s, c0, a, a_bias, gamma, beta, eps, film_t, film_p, f
           HAS_B: tl.constexpr, FINAL: tl.constexpr, UPDATE: tl.constexpr, PDL: tl.constexpr,
           KT: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, TRANSPOSED: tl.constexpr,
           CG: tl.constexpr, LP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
-          IEEE: tl.constexpr):
+          SPC: tl.constexpr, RES_SPC: tl.constexpr, IEEE: tl.constexpr):
     """Steps 2-4 of one program, once its weights ``taps`` are in flight."""
     if PDL:
         gdc_wait()  # every earlier kernel has finished and its writes are visible
@@ -160,17 +184,17 @@ def _tile(taps, dst, n, b, s, c0, a, a_bias, gamma, beta, eps, film_t, film_p, f
         if c0 >= CA_PAD:  # the concatenated second input: a finished buffer
             v = _input_tile(bsrc, 1, bias, False, b, B, c0 - CA_PAD, L_in, CB,
                             gamma, beta, eps, film_t, film_p, film_w, film_off, step,
-                            res, 1, bias, False, mat, False, False, False, False, False, CG, LP, BK)
+                            res, 1, bias, False, mat, False, False, False, False, False, CG, LP, BK, 1, 1)
         else:
             v = _input_tile(a, A_SPLIT, a_bias, A_BIAS, b, B, c0, L_in, CA,
                             gamma, beta, eps, film_t, film_p, film_w, film_off, step,
                             res, RES_SPLIT, res_bias, RES_BIAS, mat, write_mat,
-                            NORM, FILM, RES, MAT, CG, LP, BK)
+                            NORM, FILM, RES, MAT, CG, LP, BK, SPC, RES_SPC)
     else:
         v = _input_tile(a, A_SPLIT, a_bias, A_BIAS, b, B, c0, L_in, CA,
                         gamma, beta, eps, film_t, film_p, film_w, film_off, step,
                         res, RES_SPLIT, res_bias, RES_BIAS, mat, write_mat,
-                        NORM, FILM, RES, MAT, CG, LP, BK)
+                        NORM, FILM, RES, MAT, CG, LP, BK, SPC, RES_SPC)
     acc = _conv_slice(v, taps, L_in, L_out, KT, STRIDE, PAD, TRANSPOSED, LP, BM, BK, BN, IEEE)
     o = tl.arange(0, BM)
     m = (o < L_out)[:, None] & (n < O)[None, :]
@@ -184,6 +208,8 @@ def _tile(taps, dst, n, b, s, c0, a, a_bias, gamma, beta, eps, film_t, film_p, f
         tl.store(dst + off, y, mask=m)
     else:
         tl.store(dst + ((s * B + b) * L_out + o)[:, None] * O + n[None, :], acc, mask=m)
+    if PDL == 2:
+        gdc_launch_dependents()  # the next kernel may start reading its weights
 
 
 @triton.jit(do_not_specialize=["step"])
@@ -199,14 +225,14 @@ def conv_kernel(
     HAS_B: tl.constexpr, HAS_SKIP: tl.constexpr, FINAL: tl.constexpr, UPDATE: tl.constexpr,
     KT: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, TRANSPOSED: tl.constexpr,
     CG: tl.constexpr, LP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-    BN: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+    BN: tl.constexpr, SPC: tl.constexpr, RES_SPC: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (b, nt, s): batch row b, output tile nt (past NT: the skip convolution's tiles),
     input channels [s BK, (s + 1) BK). Writes that slice's partial sum of the tile to slot s of
     ``out`` ``(SPLIT, B, L_out, O)`` (or ``skip_out`` ``(SPLIT, B, L_in, O)``); the last layer
     (``FINAL``, one slice) writes the network's output ``(B, L_out, O)``, or with ``UPDATE`` the
     sampler's next chunk."""
-    if PDL:
+    if PDL == 1:
         gdc_launch_dependents()  # the next kernel may start reading its weights
     b = tl.program_id(0)
     nt = tl.program_id(1)
@@ -219,7 +245,7 @@ def conv_kernel(
               film_t, film_p, film_w, film_off, step, res, res_bias, mat, nt == 0, bsrc, bias, x,
               u_a0, u_a1, u_cx, u_c0, u_co, u_clip, B, L_in, L_out, CA, CB, CA_PAD, O,
               A_SPLIT, A_BIAS, NORM, FILM, RES, RES_SPLIT, RES_BIAS, MAT, HAS_B, FINAL, UPDATE, PDL,
-              KT, STRIDE, PAD, TRANSPOSED, CG, LP, BM, BK, BN, IEEE)
+              KT, STRIDE, PAD, TRANSPOSED, CG, LP, BM, BK, BN, SPC, RES_SPC, IEEE)
     else:
         if HAS_SKIP:  # the block's 1x1 skip convolution, from the same input (length preserving)
             taps1 = _weights(ws + ((nt - NT) * CIN + c0) * BN, 1, BK, BN)
@@ -227,4 +253,4 @@ def conv_kernel(
                   film_t, film_p, film_w, film_off, step, res, res_bias, mat, False, bsrc, bias, x,
                   u_a0, u_a1, u_cx, u_c0, u_co, u_clip, B, L_in, L_in, CA, CB, CA_PAD, O,
                   A_SPLIT, A_BIAS, NORM, FILM, RES, RES_SPLIT, RES_BIAS, MAT, HAS_B, False, False, PDL,
-                  1, 1, 0, False, CG, LP, BM, BK, BN, IEEE)
+                  1, 1, 0, False, CG, LP, BM, BK, BN, SPC, RES_SPC, IEEE)

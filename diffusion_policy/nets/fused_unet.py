@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BN = 16  # output channels per program (the smallest tile of a tensor-core product)
+BN = 16  # the fewest output channels per program (the smallest tile of a tensor-core product)
+# programmatic dependent launch: off; the next kernel launched as each program starts; as it ends
+PDL_MODES = {"off": 0, "early": 1, "late": 2}
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -64,7 +66,7 @@ class _Act:
 class _Launch:
     a: _Act
     b: str | None  # a second input concatenated after ``a`` (an up level's skip connection)
-    w: torch.Tensor  # (NT, CA_PAD + CB_PAD, KT, BN)
+    w: torch.Tensor  # (NT, CA_PAD + CB_PAD, KT, BN): BN output channels per program
     bias: torch.Tensor  # (NT * BN,) float32
     out: str
     L_out: int
@@ -77,8 +79,8 @@ class _Launch:
     consts: dict = field(default_factory=dict)
 
 
-def _tiles(w: torch.Tensor, parts: list[tuple[int, int]], dtype: torch.dtype) -> torch.Tensor:
-    """A convolution weight ``(O, C, k)`` as ``(NT, C_PAD, k, BN)``: the program of output tile
+def _tiles(w: torch.Tensor, parts: list[tuple[int, int]], dtype: torch.dtype, bn: int) -> torch.Tensor:
+    """A convolution weight ``(O, C, k)`` as ``(NT, C_PAD, k, bn)``: the program of output tile
     ``nt`` and a slice of input channels reads one contiguous block, every tap side by side.
     ``parts``: the input channels' ``(count, padded count)`` per input."""
     O, C, k = w.shape
@@ -87,13 +89,13 @@ def _tiles(w: torch.Tensor, parts: list[tuple[int, int]], dtype: torch.dtype) ->
     for count, padded in parts:
         chunks.append(F.pad(wt[:, start : start + count], (0, 0, 0, padded - count)))
         start += count
-    wt = F.pad(torch.cat(chunks, dim=1), (0, _round_up(O, BN) - O))  # (k, C_PAD, NT * BN)
-    return wt.unflatten(2, (-1, BN)).permute(2, 1, 0, 3).contiguous().to(dtype)
+    wt = F.pad(torch.cat(chunks, dim=1), (0, _round_up(O, bn) - O))  # (k, C_PAD, NT * bn)
+    return wt.unflatten(2, (-1, bn)).permute(2, 1, 0, 3).contiguous().to(dtype)
 
 
-def _bias(b: torch.Tensor | None, O: int, device: torch.device) -> torch.Tensor:
+def _bias(b: torch.Tensor | None, O: int, device: torch.device, bn: int) -> torch.Tensor:
     b = torch.zeros(O, device=device) if b is None else b.detach().float()
-    return F.pad(b, (0, _round_up(O, BN) - O)).contiguous()
+    return F.pad(b, (0, _round_up(O, bn) - O)).contiguous()
 
 
 class FusedUnet:
@@ -104,7 +106,10 @@ class FusedUnet:
 
     block_k = 128
     num_warps = 4
-    pdl = True
+    block_n_wide = 32  # output channels per program in layers of wide_channels or more (else 16)
+    wide_channels = 1024
+    partials = torch.float32  # the dtype of the convolutions' partial sums
+    pdl = "late"
     max_tile = 4096  # most float32 elements of one program's input slice (rows x channels)
 
     def __init__(self, net):
@@ -113,8 +118,8 @@ class FusedUnet:
         blocks = net._blocks()
         for gn in [m for m in net.modules() if isinstance(m, nn.GroupNorm)]:
             cg = gn.num_channels // gn.num_groups
-            if cg % BN:
-                raise ValueError(f"the fused sampling path needs GroupNorm groups of a multiple of {BN} "
+            if cg < BN or cg & (cg - 1):
+                raise ValueError(f"the fused sampling path needs GroupNorm groups of a power of two >= {BN} "
                                  f"channels; this UNet has groups of {cg} ({gn.num_channels} channels in "
                                  f"{gn.num_groups} groups): use sampling_layout='tokens'")
         # every block's FiLM linear, concatenated: one product per chunk for the time table and
@@ -177,6 +182,8 @@ class FusedUnet:
             L_out = (h.L + 2 * pad - k) // stride + 1
         O = w.shape[0]
         CA, CB = h.C, (extra.C if extra is not None else 0)
+        # rows of the input tile: a tile of fewer elements than the program has threads crashes a
+        # Triton 3.6 pass (thread locality)
         LP = _pow2(h.L, 1)
         cg_in = h.norm[0].num_channels // h.norm[0].num_groups if h.norm is not None else BN
         if update:  # the last layer: one slice of every input channel, so the program can finish
@@ -184,19 +191,21 @@ class FusedUnet:
         elif h.norm is not None:
             BK = cg_in  # a slice holds one whole GroupNorm group: its statistics are its own
         else:
-            BK = min(self.block_k, _pow2(CA), max(16, self.max_tile // LP))
+            BK = min(self.block_k, _pow2(CA))
             while CA % BK and BK > 16:
                 BK //= 2
+        LP = max(LP, _pow2(-(-32 * self.num_warps // BK), 1))
         parts = [(CA, _round_up(CA, BK)), (CB, _round_up(CB, BK))]
         split = (parts[0][1] + parts[1][1]) // BK  # programs per output tile, one per channel slice
+        bn = self.block_n_wide if max(CA, CB, O) >= self.wide_channels else BN
         launch = _Launch(
             a=h, b=None if extra is None else self._materialize(extra).buf,
-            w=_tiles(w, parts, self.dtype), bias=_bias(conv.bias, O, w.device),
+            w=_tiles(w, parts, self.dtype, bn), bias=_bias(conv.bias, O, w.device, bn),
             out=self._buffer("out", *(() if update else (split,)), "B", L_out, O), L_out=L_out, O=O,
             split=split, update=update)
         if skip is not None:
-            launch.ws = _tiles(skip.weight.detach(), parts, self.dtype)
-            launch.bs = _bias(skip.bias, O, w.device)
+            launch.ws = _tiles(skip.weight.detach(), parts, self.dtype, bn)
+            launch.bs = _bias(skip.bias, O, w.device, bn)
             launch.skip_out = self._buffer("skip", split, "B", h.L, O)
         res = h.norm[2] if h.norm is not None else None
         launch.consts = dict(
@@ -205,13 +214,22 @@ class FusedUnet:
             FILM=h.norm is not None and h.norm[1] is not None, RES=res is not None,
             RES_SPLIT=res.split if res is not None else 1, RES_BIAS=res is not None and res.bias is not None,
             HAS_B=extra is not None, HAS_SKIP=skip is not None,
+            # partial sums read per load: as many as fit max_tile elements
+            SPC=self._chunk(h.split, LP * BK), RES_SPC=self._chunk(res.split if res is not None else 1, LP * BK),
             KT=k, STRIDE=stride, PAD=pad, TRANSPOSED=transposed, CG=cg_in,
-            LP=LP, BM=_pow2(max(h.L, L_out)), BK=BK, BN=BN, IEEE=self.dtype == torch.float32)
+            LP=LP, BM=_pow2(max(h.L, L_out)), BK=BK, BN=bn, IEEE=self.dtype == torch.float32)
         self._launches.append(launch)
         out = _Act(launch.out, L_out, O, split=1 if update else split, bias=None if update else launch.bias)
         if gn is not None:
             out.norm = (gn, None, None)
         return launch, out
+
+    def _chunk(self, split: int, tile: int) -> int:
+        """How many of ``split`` partial sums of ``tile`` elements one load reads."""
+        n = 1
+        while n < split and 2 * n * tile <= self.max_tile:
+            n *= 2
+        return n
 
     def _block(self, blk, h: _Act, film: int, extra: _Act | None = None) -> _Act:
         """One FiLM residual block: two launches; returns its output, pending (finished by the
@@ -259,8 +277,10 @@ class FusedUnet:
         key = (H, B, str(device))
         if key not in self._buffers:
             launches, shapes = self._plan(H)
-            self._buffers[key] = {n: torch.empty([B if d == "B" else d for d in shape], device=device)
-                                  for n, shape in shapes.items()}
+            self._buffers[key] = {
+                n: torch.empty([B if d == "B" else d for d in shape], device=device,
+                               dtype=self.partials if n.startswith(("out", "skip")) else torch.float32)
+                for n, shape in shapes.items()}
         return self._plan(H)[0], self._buffers[key]
 
     def prepare(self, cond: torch.Tensor, times: torch.Tensor, update=None):
@@ -279,8 +299,8 @@ class FusedUnet:
         t_emb = mlp(sinusoid(times).to(self.dtype))
         film_t = (F.mish(t_emb) @ self.film_wt.t()).float().contiguous()  # (S, sum 2C)
         film_p = F.linear(F.mish(cond.to(self.dtype)), self.film_wc, self.film_b).float().contiguous()
-        pdl = (self.pdl and dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9
-               and os.environ.get("TRITON_INTERPRET") != "1")
+        pdl = (PDL_MODES[self.pdl] if dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9
+               and os.environ.get("TRITON_INTERPRET") != "1" else 0)
         rows = None if update is None else update.rows
 
         def f(x: torch.Tensor, i: int) -> torch.Tensor:

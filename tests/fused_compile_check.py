@@ -1,6 +1,8 @@
-"""Compile every kernel launch of the default UNet's fused sampling path for sm_90 (Hopper) with
-Triton's own compiler and ptxas, without a GPU. Run by tests/test_fused_unet.py in a process
-without Triton's interpreter; prints how many launches and kernel variants it compiled."""
+"""Compile every kernel launch of the fused sampling path for sm_90 (Hopper) with Triton's own
+compiler and ptxas, without a GPU: the default UNet in bf16, and the small float32 UNet of the
+GPU tests with 16 input channels per program (tiles small enough to have crashed a compiler
+pass once). Run by tests/test_fused_unet.py in a process without Triton's interpreter; prints
+how many launches and kernel variants it compiled for each."""
 import inspect
 
 import torch
@@ -15,7 +17,9 @@ from diffusion_policy.nets.fused_unet import FusedUnet
 from diffusion_policy.nets.unet1d import ConditionalUnet1D
 
 
-def main() -> list:
+def main(net: ConditionalUnet1D | None = None) -> list:
+    """Compile every launch of ``net`` (default: the default UNet in bf16); returns each variant's
+    ``(arguments, compiled kernel)``."""
     kernel = kernels.conv_kernel
     calls = []
 
@@ -24,7 +28,8 @@ def main() -> list:
             return lambda *args, **kwargs: calls.append((args, kwargs))
 
     kernels.conv_kernel = Recorder()
-    net = ConditionalUnet1D(2, 10).to(torch.bfloat16).eval().requires_grad_(False)
+    if net is None:
+        net = ConditionalUnet1D(2, 10).to(torch.bfloat16).eval().requires_grad_(False)
     update = StepUpdate([(0.0, 0.0, 1.0, 0.0, -0.5, float("inf"))] * 2, torch.device("cpu"))
     with torch.no_grad():
         FusedUnet(net).prepare(torch.randn(1, 10), torch.tensor([1000.0, 500.0]), update)(torch.randn(1, 16, 2), 1)
@@ -57,3 +62,5 @@ def main() -> list:
 
 if __name__ == "__main__":
     main()
+    FusedUnet.block_k = 16
+    main(ConditionalUnet1D(2, 10, down_dims=[32, 64, 128], n_groups=2, time_embed_dim=32).eval().requires_grad_(False))

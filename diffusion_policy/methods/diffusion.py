@@ -96,7 +96,7 @@ class DiffusionMethod:
                 f"alphas_cumprod={float(self.alphas_cumprod[-1]):.3f}, far from pure noise; use "
                 "squaredcos_cap_v2 or more training timesteps", stacklevel=2,
             )
-        self._time_cache: dict[tuple, list[torch.Tensor]] = {}
+        self._time_cache: dict[tuple, NetworkTimes] = {}
         self._update_cache: dict[tuple, StepUpdate] = {}
 
     @property
@@ -130,7 +130,7 @@ class DiffusionMethod:
         return F.mse_loss(pred.float(), target.float())
 
     # ------------------------------------------------------------------------------- sampling
-    def _device_timesteps(self, timesteps: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+    def _device_timesteps(self, timesteps: torch.Tensor, device: torch.device) -> NetworkTimes:
         """The sampler's timesteps as floats on ``device``, one ``(1,)`` tensor per step, cached so
         that a repeated call makes no host-to-device copy (required to capture the sampling loop in
         a CUDA graph). Separate tensors rather than views of one: every network call then sees an
@@ -138,7 +138,7 @@ class DiffusionMethod:
         key = (tuple(timesteps.tolist()), str(device))
         if key not in self._time_cache:
             ts = timesteps.to(device=device, dtype=torch.float32)
-            self._time_cache[key] = [ts[i : i + 1].clone() for i in range(len(ts))]
+            self._time_cache[key] = NetworkTimes([ts[i : i + 1].clone() for i in range(len(ts))])
         return self._time_cache[key]
 
     def _ddim_update(self, sched: DDIMScheduler, device: torch.device) -> StepUpdate:
@@ -201,6 +201,17 @@ class DiffusionMethod:
         return x
 
 
+class NetworkTimes(list):
+    """A sampler's network times: a list of ``(1,)`` device tensors (one per network call) and
+    ``joined``, the same times as one ``(S,)`` tensor, made once with the list. The methods keep
+    these per (steps, device), so a network that prepares tables from the times (the UNet's fused
+    sampling path) meets the same ``joined`` tensor every chunk and can keep its tables."""
+
+    def __init__(self, times: list[torch.Tensor]):
+        super().__init__(times)
+        self.joined = torch.cat(times)
+
+
 def initial_noise(shape: tuple[int, int, int], generator, device: torch.device,
                   noise: torch.Tensor | None = None) -> torch.Tensor:
     """The sampler's starting chunk: ``noise`` when given (checked, as float32 on ``device``),
@@ -223,7 +234,7 @@ def denoiser(net, cond: torch.Tensor, times: list[torch.Tensor], update: StepUpd
     as is."""
     prepare = getattr(net, "prepare_sampling", None)
     if prepare is not None:
-        return prepare(cond, torch.cat(times), update)
+        return prepare(cond, times.joined if isinstance(times, NetworkTimes) else torch.cat(times), update)
     B = cond.shape[0]
     if update is None:
         return lambda x, i: net(x, times[i].expand(B), cond)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from diffusion_policy.methods.diffusion import check_prefix, denoiser, initial_noise
+from diffusion_policy.methods.diffusion import NetworkTimes, check_prefix, denoiser, initial_noise
 from diffusion_policy.step_update import StepUpdate
 
 TIME_DISTS = ("uniform", "logit_normal", "beta")
@@ -48,7 +48,7 @@ class FlowMatching:
         self.time_dist = time_dist
         self.integrator = integrator
         self.num_inference_steps = num_inference_steps
-        self._time_cache: dict[tuple[int, str], list[torch.Tensor]] = {}
+        self._time_cache: dict[tuple[int, str], NetworkTimes] = {}
         self._update_cache: dict[tuple[int, str], StepUpdate] = {}
 
     # ------------------------------------------------------------------------------- training
@@ -71,7 +71,7 @@ class FlowMatching:
         return F.mse_loss(pred.float(), (eps - actions).float())
 
     # ------------------------------------------------------------------------------- sampling
-    def _grid(self, n: int, device: torch.device) -> list[torch.Tensor]:
+    def _grid(self, n: int, device: torch.device) -> NetworkTimes:
         """``2n + 1`` network times ``[1, 1 - h/2, 1 - h, ..., 0] * TIME_SCALE`` on ``device``
         (even entries: grid points, odd: midpoints), one ``(1,)`` tensor each, cached so that
         repeated calls copy nothing to the device (the sampling loop can then be captured in a
@@ -79,7 +79,7 @@ class FlowMatching:
         key = (n, str(device))
         if key not in self._time_cache:
             grid = torch.linspace(1.0, 0.0, 2 * n + 1).mul(TIME_SCALE).to(device)
-            self._time_cache[key] = [grid[j : j + 1].clone() for j in range(2 * n + 1)]
+            self._time_cache[key] = NetworkTimes([grid[j : j + 1].clone() for j in range(2 * n + 1)])
         return self._time_cache[key]
 
     def _euler_update(self, n: int, device: torch.device) -> StepUpdate:

@@ -138,6 +138,7 @@ class FusedUnet:
                     for m in net.modules() if isinstance(m, nn.GroupNorm)}
         self._plans: dict[int, tuple[list[_Launch], dict]] = {}
         self._buffers: dict[tuple, dict] = {}
+        self._time_tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ---------------------------------------------------------------------------- planning
     def _plan(self, H: int) -> tuple[list[_Launch], dict]:
@@ -272,6 +273,25 @@ class FusedUnet:
         self._conv(net.final[1], h, update=True)
 
     # ----------------------------------------------------------------------------- running
+    def _time_table(self, times: torch.Tensor) -> torch.Tensor:
+        """Every block's FiLM part that depends on the time alone, ``(S, sum 2C)`` float32 for
+        the network times ``times (S,)``. Kept for the ``times`` tensor itself (a sampler's
+        cached times, ``methods.diffusion.NetworkTimes``): the same tensor object gets the same
+        table without a kernel, so such a tensor must not be modified in place. Not kept while a
+        CUDA graph is being captured (the table is then filled only when the graph replays)."""
+        hit = self._time_tables.get(id(times))
+        if hit is not None and hit[0] is times:
+            return hit[1]
+        net = self.net
+        sinusoid, mlp = net.time_mlp.net[0], net.time_mlp.net[1:]
+        t_emb = mlp(sinusoid(times.reshape(-1).float()).to(self.dtype))
+        table = (F.mish(t_emb) @ self.film_wt.t()).float().contiguous()
+        if not (times.is_cuda and torch.cuda.is_current_stream_capturing()):
+            if len(self._time_tables) >= 16:
+                self._time_tables.pop(next(iter(self._time_tables)))
+            self._time_tables[id(times)] = (times, table)  # the reference keeps id(times) unique
+        return table
+
     def _state(self, H: int, B: int, device: torch.device) -> tuple[list[_Launch], dict]:
         """The launches for horizon ``H`` and their buffers for ``B`` rows, kept across chunks."""
         key = (H, B, str(device))
@@ -294,10 +314,7 @@ class FusedUnet:
         if cond.shape[1] != net.cond_dim:
             raise ValueError(f"cond flattens to {cond.shape[1]} features, expected {net.cond_dim}")
         dev = cond.device
-        times = times.reshape(-1).to(dev, torch.float32)
-        sinusoid, mlp = net.time_mlp.net[0], net.time_mlp.net[1:]
-        t_emb = mlp(sinusoid(times).to(self.dtype))
-        film_t = (F.mish(t_emb) @ self.film_wt.t()).float().contiguous()  # (S, sum 2C)
+        film_t = self._time_table(times if times.device == dev else times.to(dev))  # (S, sum 2C)
         film_p = F.linear(F.mish(cond.to(self.dtype)), self.film_wc, self.film_b).float().contiguous()
         pdl = (PDL_MODES[self.pdl] if dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9
                and os.environ.get("TRITON_INTERPRET") != "1" else 0)

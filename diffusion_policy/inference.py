@@ -11,8 +11,8 @@ one from Python their launch cost, not the arithmetic, sets the latency. What re
   sampler's step with the last layer);
 - ``torch.compile`` of the per-step trunk (fuses GroupNorm, Mish, FiLM and the residual adds);
 - or, for batches of 1-2, ``fused=True``: the sampling path as one Triton kernel per
-  convolution (``diffusion_policy.nets.fused_unet``; 2.27 ms against 2.91 ms compiled for a
-  DDIM-10 chunk at batch 1 in bf16 on an H200);
+  convolution (``diffusion_policy.nets.fused_unet``; 1.83 ms against 3.00 ms compiled for a
+  DDIM-10 chunk at batch 1 in bf16 on an H200, ``benchmarks/sampling.md``);
 - one CUDA graph per (batch size, steps, prefix length, observation shapes, noise source) holding
   the whole ``predict``: normalize, encode, every sampler step, unnormalize. A call copies each
   observation straight into the graph's static input (one copy per key, from the host or the

@@ -4,21 +4,23 @@ The compiled sampling path (``ConditionalUnet1D.prepare_sampling`` with ``compil
 about 60 kernels per network call at batch 1: a matrix product per convolution, then a kernel for
 its shifted sum, GroupNorm, Mish, FiLM and residual add. Each costs a few microseconds of launch
 and latency, far more than its arithmetic. Here a convolution is one kernel
-(``diffusion_policy.nets.fused_kernels``): the work that follows a convolution (GroupNorm with
-statistics its producer already reduced per tile, Mish, FiLM, the residual) runs while the *next*
-convolution loads its input, and the sampler's step runs in the last layer's epilogue. A network
-call is 30 kernels for the default UNet (213 us at batch 1 in bf16 on an H200): a DDIM-10 chunk
-takes 2.27 ms against 2.91 ms compiled (``benchmarks/sampling.md``).
+(``diffusion_policy.nets.fused_kernels``): a convolution leaves one partial sum per slice of its
+input channels, and the work that follows it (adding those sums and the bias, GroupNorm over the
+consumer's own slice of whole groups, Mish, FiLM, the residual) runs while the *next* convolution
+loads its input; the sampler's step runs in the last layer's epilogue. A network
+call is 30 kernels for the default UNet: a DDIM-10 chunk at batch 1 in bf16 takes 1.83 ms on an
+H200, against 3.00 ms compiled in the same run (``benchmarks/sampling.md``).
 
 Each batch row's programs stream all the weights, so the path pays at batch 1 and ties at batch
-2; the UNet takes it up to ``fused_max_batch`` rows (2) and the compiled layout above.
+2 (measured with the previous kernels, which reduced the slices inside the launch); the UNet
+takes it up to ``fused_max_batch`` rows (2) and the compiled layout above.
 
 :class:`FusedUnet` walks the network once per horizon (as ``_trunk`` does) and records each
 convolution's launch: which buffer it reads, how that input is finished, which buffers it writes.
-The weights are rearranged per tile of 16 output channels into contiguous blocks, kept until a
-parameter changes (:func:`fused_sampler`, like the sampling path's cache). It needs CUDA and
-Triton (the tests also run it in Triton's CPU interpreter), GroupNorm groups of a multiple of 16
-channels (a clear error otherwise), and the UNet's own layer shapes.
+The weights are rearranged per tile of 16 output channels (32 in layers of 1024 channels) into
+contiguous blocks, kept until a parameter changes (:func:`fused_sampler`, like the sampling path's
+cache). It needs CUDA and Triton (the tests also run it in Triton's CPU interpreter), GroupNorm
+groups of a power of two >= 16 channels (a clear error otherwise), and the UNet's own layer shapes.
 """
 from __future__ import annotations
 

@@ -1,0 +1,109 @@
+"""Before and after for the fused sampling path, in one process on one GPU: the fused kernels of
+an earlier commit against the working tree's, alternated, each timed as a whole DDIM-10
+``predict`` at batch 1 (bf16, CUDA graph) and as the graph's replay alone.
+
+    python3 benchmarks/fused_compare.py --ref 621cb66          # run from the repository root
+
+The reference's ``diffusion_policy/nets/fused_unet.py`` and ``fused_kernels.py`` are read with
+``git show REF:path`` into a temporary package and stand in for the current ones while its
+predictor is built; everything else (the policy, the methods, ``FastPredictor``) is the working
+tree's, so the difference is the kernels and their plan alone. Separate processes move the same
+code's figure by more than the repeats inside one do (``benchmarks/sampling.md``): compare
+within one run of this script.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sampling_latency import SAMPLERS, SHAPES, TO, build_policy  # noqa: E402
+
+import diffusion_policy.nets.fused_unet as current  # noqa: E402
+from diffusion_policy.inference import FastPredictor  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNELS = "diffusion_policy.nets.fused_kernels"
+
+
+def load_ref(ref: str, folder: Path):
+    """The fused planner of commit ``ref`` as a module, importing that commit's kernels."""
+    name = "fused_ref_" + re.sub(r"\W", "_", ref)
+    for path, mod in (("fused_kernels.py", f"{name}_kernels"), ("fused_unet.py", name)):
+        try:
+            src = subprocess.run(["git", "show", f"{ref}:diffusion_policy/nets/{path}"], cwd=ROOT,
+                                 capture_output=True, text=True, check=True).stdout
+        except subprocess.CalledProcessError as e:
+            raise SystemExit(f"--ref {ref}: git show found no diffusion_policy/nets/{path} ({e.stderr.strip()})")
+        if path == "fused_unet.py":
+            if f"from {KERNELS} import" not in src:
+                raise SystemExit(f"--ref {ref}: its fused_unet.py does not import from {KERNELS}")
+            src = src.replace(f"from {KERNELS} import", f"from {name}_kernels import")
+        file = folder / f"{mod}.py"
+        file.write_text(src)
+        spec = importlib.util.spec_from_file_location(mod, file)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[mod] = module  # Triton's decorators look their module up by name
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def timed(fn, calls: int) -> np.ndarray:
+    """Milliseconds of each ``fn()``, the device synchronised around every call."""
+    t = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        t.append((time.perf_counter() - t0) * 1e3)
+    return np.array(t)
+
+
+def measure(module, policy, obs, calls: int) -> tuple[np.ndarray, np.ndarray]:
+    """(predict times, replay times) with ``module`` as the fused planner."""
+    sys.modules[current.__name__] = module  # the UNet imports fused_sampler from here at each call
+    try:
+        fast = FastPredictor(policy, dtype="bf16", fused=True)  # its own copy of the net: plans anew
+        for _ in range(20):
+            fast.predict(obs, num_steps=10)
+        graph = next(iter(fast._graphs.values())).graph
+        return timed(lambda: fast.predict(obs, num_steps=10), calls), timed(graph.replay, calls)
+    finally:
+        sys.modules[current.__name__] = current
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ref", required=True, help="the commit whose fused kernels are the 'before'")
+    p.add_argument("--rounds", type=int, default=2, help="alternations of before and after")
+    p.add_argument("--calls", type=int, default=300)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("the fused kernels run on CUDA; this machine has no CUDA device")
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = load_ref(args.ref, Path(tmp))
+        policy = build_policy("default", SAMPLERS["ddim-10"][0], torch.device("cuda"))
+        obs = {k: (torch.rand(1, TO, *s) * 512).cuda() for k, s in SHAPES.items()}
+        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; DDIM-10, batch 1, bf16, "
+              f"CUDA graph; {args.calls} calls after 20")
+        print("| round | kernels | predict median ms | p99 ms | replay median ms |")
+        print("| --- | --- | --- | --- | --- |")
+        for r in range(args.rounds):
+            for label, module in ((args.ref, ref), ("working tree", current)):
+                t, g = measure(module, policy, obs, args.calls)
+                print(f"| {r + 1} | {label} | {np.median(t):.3f} | {np.percentile(t, 99):.3f} | "
+                      f"{np.median(g):.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -19,14 +19,13 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sampling_latency import SAMPLERS, SHAPES, TO, build_policy  # noqa: E402
+from sampling_latency import SAMPLERS, SHAPES, TO, build_policy, time_calls  # noqa: E402
 
 import diffusion_policy.nets.fused_unet as current  # noqa: E402
 from diffusion_policy.inference import FastPredictor  # noqa: E402
@@ -57,27 +56,16 @@ def load_ref(ref: str, folder: Path):
     return sys.modules[name]
 
 
-def timed(fn, calls: int) -> np.ndarray:
-    """Milliseconds of each ``fn()``, the device synchronised around every call."""
-    t = []
-    for _ in range(calls):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        t.append((time.perf_counter() - t0) * 1e3)
-    return np.array(t)
-
-
 def measure(module, policy, obs, calls: int) -> tuple[np.ndarray, np.ndarray]:
     """(predict times, replay times) with ``module`` as the fused planner."""
     sys.modules[current.__name__] = module  # the UNet imports fused_sampler from here at each call
     try:
         fast = FastPredictor(policy, dtype="bf16", fused=True)  # its own copy of the net: plans anew
-        for _ in range(20):
-            fast.predict(obs, num_steps=10)
+        dev = torch.device("cuda")
+        t, _ = time_calls(lambda o: fast.predict(o, num_steps=10), obs, dev, 20, calls)
         graph = next(iter(fast._graphs.values())).graph
-        return timed(lambda: fast.predict(obs, num_steps=10), calls), timed(graph.replay, calls)
+        g, _ = time_calls(lambda o: graph.replay(), obs, dev, 0, calls)
+        return np.array(t), np.array(g)
     finally:
         sys.modules[current.__name__] = current
 

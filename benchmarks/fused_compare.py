@@ -2,10 +2,10 @@
 an earlier commit against the working tree's, alternated, each timed as a whole DDIM-10
 ``predict`` at batch 1 (bf16, CUDA graph) and as the graph's replay alone.
 
-    python3 benchmarks/fused_compare.py --ref 621cb66          # run from the repository root
+    python3 benchmarks/fused_compare.py --ref 621cb66          # in a git checkout, on CUDA
 
 The reference's ``diffusion_policy/nets/fused_unet.py`` and ``fused_kernels.py`` are read with
-``git show REF:path`` into a temporary package and stand in for the current ones while its
+``git show REF:path`` into two modules in a temporary folder and stand in for the current ones while its
 predictor is built; everything else (the policy, the methods, ``FastPredictor``) is the working
 tree's, so the difference is the kernels and their plan alone. Separate processes move the same
 code's figure by more than the repeats inside one do (``benchmarks/sampling.md``): compare
@@ -45,7 +45,8 @@ def load_ref(ref: str, folder: Path):
             raise SystemExit(f"--ref {ref}: git show found no diffusion_policy/nets/{path} ({e.stderr.strip()})")
         if path == "fused_unet.py":
             if f"from {KERNELS} import" not in src:
-                raise SystemExit(f"--ref {ref}: its fused_unet.py does not import from {KERNELS}")
+                raise SystemExit(f"--ref {ref}: its fused_unet.py has no 'from {KERNELS} import' line, "
+                                 "expected one (the planner imports its kernels from there)")
             src = src.replace(f"from {KERNELS} import", f"from {name}_kernels import")
         file = folder / f"{mod}.py"
         file.write_text(src)

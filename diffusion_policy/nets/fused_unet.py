@@ -7,9 +7,9 @@ and latency, far more than its arithmetic. Here a convolution is one kernel
 (``diffusion_policy.nets.fused_kernels``): a convolution leaves one partial sum per slice of its
 input channels, and the work that follows it (adding those sums and the bias, GroupNorm over the
 consumer's own slice of whole groups, Mish, FiLM, the residual) runs while the *next* convolution
-loads its input; the sampler's step runs in the last layer's epilogue. A network
-call is 30 kernels for the default UNet: a DDIM-10 chunk at batch 1 in bf16 takes 1.83 ms on an
-H200, against 3.00 ms compiled in the same run (``benchmarks/sampling.md``).
+loads its input; the sampler's step runs in the last layer's epilogue. A network call is 30
+kernels for the default UNet: a DDIM-10 chunk at batch 1 in bf16 takes 1.83 ms on an H200,
+against 3.00 ms compiled in the same run (``benchmarks/sampling.md``).
 
 Each batch row's programs stream all the weights, so the path pays at batch 1 and ties at batch
 2 (measured with the previous kernels, which reduced the slices inside the launch); the UNet

@@ -255,6 +255,7 @@ def register_configs() -> None:
     cs.store(name="collect_schema", node=CollectConfig)
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalConfig)
+    cs.store(name="serve_schema", node=ServeConfig)
 
 
 # ------------------------------------------------------------------------------- composition
@@ -382,3 +383,39 @@ def run_cli(prog: str, config_name: str, job, argv: Sequence[str] | None, doc: s
         print(f"{prog}: interrupted{'; ' + interrupted if interrupted else ''}", file=sys.stderr)
         return 130
     return 0
+
+
+# ----------------------------------------------------------------------------------- dp-serve
+@dataclass
+class ServeConfig:
+    """``dp-serve``: a policy served to robot clients over websockets (diffusion_policy/serving/)."""
+
+    checkpoint: str = MISSING
+    """A run directory (its ``latest``), a checkpoint directory, a policy directory or a pointer
+    file such as ``<run>/checkpoints/best``."""
+    host: str = "127.0.0.1"
+    """Interface to listen on. Loopback by default; ``0.0.0.0`` (all interfaces) without a token
+    is allowed but warned about loudly."""
+    port: int = 8765
+    """TCP port (0 = any free port, printed at start)."""
+    token: str = ""
+    """Shared secret every client must present at the handshake ('' = none; the environment
+    variable ``DP_SERVE_TOKEN`` is used when this is empty, which keeps it off the command line)."""
+    device: str = "auto"
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available)."""
+    max_message_bytes: int = 16 * 2**20
+    """Largest message accepted or sent, checked before decoding; larger ones get an error reply
+    (and above twice this the connection is dropped unread)."""
+    max_clients: int = 8
+    """Connections served at once; one more is told ``server_full`` and closed."""
+    handshake_timeout_s: float = 10.0
+    """A connection that sends no ``hello`` within this is closed."""
+    bf16: bool = True
+    """CUDA only: sample with a bf16 copy of the denoiser (FastPredictor)."""
+    fused: bool = True
+    """CUDA only, UNet policies: the fused Triton sampling path for batches of 1-2 (FastPredictor)."""
+    compile: bool = False
+    """``torch.compile`` the denoiser's sampling path (CPU or CUDA; the first chunk compiles)."""
+    warmup: bool = True
+    """Run one chunk before accepting connections, so compilation and CUDA graph capture are not
+    paid by the first robot request."""

@@ -1,5 +1,5 @@
-"""dp-data: info, validate, pop, copy; bad input gives one line naming the problem, never a
-traceback, and leaves the store's files untouched."""
+"""dp-data: info, validate, pop, copy; bad input gives one line naming the problem and exit status 2,
+never a traceback, and leaves the store's files untouched."""
 import hashlib
 import os
 import subprocess
@@ -50,7 +50,14 @@ def test_info_validate_pop_copy(tmp_path, capsys):
     for text in ("episodes: 3", "steps:    15", "min 4, median 5, max 6", "action: shape (15, 2)",
                  "float32", "image: shape (15, 8, 8, 3), uint8", "chunks (", "blosc(", "on disk"):
         assert text in out, text
-    assert run(["validate", path], capsys)[:2] == (0, f"{path}: valid\n")
+    # 5 chunk files: episode_ends, episode_digests, action (one chunk), image (8 frames per chunk);
+    # decoded: action 15 x 2 x 4 = 120 bytes (fast: floats only), + image 15 x 192 = 3000 bytes
+    assert run(["validate", path], capsys)[:2] == (
+        0, f"{path}: valid (fast check: 3 episodes, 15 steps, 5 chunk files, 0.1 KiB decoded, "
+           f"0 digests verified)\n")
+    assert run(["validate", path, "--checksums"], capsys)[:2] == (
+        0, f"{path}: valid (checksum check: 3 episodes, 15 steps, 5 chunk files, 2.9 KiB decoded, "
+           f"6 digests verified)\n")
     dst = str(tmp_path / "c.zarr")
     code, out, _ = run(["copy", path, dst, "--episodes", "0,2"], capsys)
     assert code == 0
@@ -85,7 +92,7 @@ def corrupt(kind, path):
         return "data/action has 12 steps, expected at least 15"
     if kind == "nan":
         root["data/action"][7, 1] = np.nan
-        return "data/action has NaN/inf at step 7 (episode 1)"
+        return "data/action has NaN/inf in episode 1 (first at step 7), expected finite values"
     raise ValueError(kind)
 
 
@@ -99,7 +106,7 @@ def test_bad_input_one_line_and_untouched(kind, tmp_path, capsys):
     for cmd in commands:
         argv = cmd + [str(path)] + ([str(tmp_path / "out.zarr")] if cmd == ["copy"] else [])
         code, out, err = run(argv, capsys)
-        assert code == 1, (cmd, out, err)
+        assert code == 2, (cmd, out, err)
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
         assert expected in err and str(path) in err, err
         assert snapshot(path) == before, f"dp-data {cmd[0]} modified the store"
@@ -111,7 +118,7 @@ def test_bad_episode_ranges(tmp_path, capsys):
     for spec, text in [("0-5", "out of range (the store has 3 episodes: 0-2)"),
                        ("2-1", "is decreasing"), ("a", "is not an episode id")]:
         code, _, err = run(["copy", path, str(tmp_path / "o.zarr"), "--episodes", spec], capsys)
-        assert code == 1 and text in err and len(err.strip().splitlines()) == 1
+        assert code == 2 and text in err and len(err.strip().splitlines()) == 1
         assert not (tmp_path / "o.zarr").exists()
 
 
@@ -123,4 +130,4 @@ def test_real_command_line(tmp_path):
     assert ok.returncode == 0, ok.stderr
     bad = subprocess.run(cmd + ["validate", str(tmp_path / "n.zarr")], capture_output=True,
                          text=True)
-    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "NaN" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "NaN" in bad.stderr

@@ -7,6 +7,7 @@ import importlib
 
 _EXPORTS = {
     "EpisodeStore": "store", "LazyArray": "store", "StoreError": "store", "validate_store": "cli",
+    "check_store": "integrity", "scan_store": "integrity", "StoreReport": "integrity",
     "WindowSampler": "windows", "WindowDataset": "windows", "collate_windows": "windows",
     "make_datasets": "windows", "batch_to_torch": "windows", "make_loader": "windows", "split_episodes": "windows",
     "Normalizer": "normalize",

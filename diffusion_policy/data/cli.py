@@ -1,12 +1,19 @@
 """``dp-data``: inspect, check (:func:`validate_store`) and edit episode stores.
 
     dp-data info STORE                      episodes, steps, per-key shape/dtype/chunks/codecs/size
-    dp-data validate STORE                  exit status 0 only if the store is valid
+    dp-data validate STORE [--full | --checksums] [--task NAME]
+                                            exit status 0 only if the store is valid
     dp-data pop STORE                       delete the last episode
     dp-data copy SRC DST --episodes 0-9,12  copy episodes to a new zarr-v3 store (converts v2/zip)
 
-Bad input gives one line on stderr naming the path, key and what was expected, and exit status 1;
-``info`` and ``validate`` open the store read-only and never modify it.
+``validate`` checks what :mod:`diffusion_policy.data.integrity` describes: by default every chunk
+file is present with a size that matches its header and floating-point keys hold no NaN/inf;
+``--full`` decodes every chunk; ``--checksums`` also compares every episode with the digest recorded
+when it was appended; ``--task pusht`` also reports actions outside that task's action space.
+
+Bad input gives one line on stderr per problem, naming the path, array, episode or chunk and what
+was expected, and exit status 2; ``info`` and ``validate`` open the store read-only and never
+modify it, and a failed ``copy`` leaves nothing at DST.
 """
 from __future__ import annotations
 
@@ -18,54 +25,39 @@ from pathlib import Path
 
 import numpy as np
 
-from diffusion_policy.data.store import EpisodeStore, StoreError, partial_files
+from diffusion_policy.data.integrity import scan_store
+from diffusion_policy.data.store import EpisodeStore, StoreError, one_line
 
 
-def validate_store(path) -> tuple[list[str], list[str]]:
+def validate_store(path, full: bool = False, checksums: bool = False, action_bounds=None,
+                   action_key: str = "action") -> tuple[list[str], list[str]]:
     """Check a store; returns (errors, notes). Valid if there are no errors.
 
-    Checks the layout, strictly increasing ``meta/episode_ends``, every key at least as long as the
-    last end, and no NaN/inf in floating-point keys. Steps beyond the last end (left by an
-    interrupted append) are a note, not an error.
+    :func:`~diffusion_policy.data.integrity.scan_store` over every key: the layout, strictly
+    increasing ``meta/episode_ends``, every key at least as long as the last end, every chunk file
+    of the committed steps present and whole, no NaN/inf in floating-point keys, actions within
+    ``action_bounds`` if given. Steps beyond the last end (left by an interrupted append) and a store
+    with no episodes yet are notes, not errors.
     """
+    report = scan_store(path, full=full, checksums=checksums, action_bounds=action_bounds,
+                        action_key=action_key)
+    return report.errors, report.notes
+
+
+def task_action_bounds(name: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """(low, high, action key) of task ``name``'s environment (``configs/task/<name>.yaml``)."""
+    from diffusion_policy.collect import make_env
+    from diffusion_policy.config import compose
+
+    task = compose("collect", [f"task={name}"]).task
+    env = make_env(task.env_id, dict(task.env_kwargs), task.max_episode_steps)
     try:
-        store = EpisodeStore.open(path, mode="r")
-    except StoreError as exc:
-        return [str(exc)], []
-    errors, notes = [], []
-    try:
-        n = store.n_steps
-        if not store.keys():
-            errors.append(f"{store.path}: data has no arrays (expected data/<key>)")
-        for key in store.keys():
-            arr = store.zarr_array(key)
-            if arr.shape[0] > n:
-                notes.append(f"{store.path}: data/{key} has {arr.shape[0] - n} steps after the "
-                             f"last episode end (uncommitted; the next append overwrites them)")
-            if not np.issubdtype(np.dtype(arr.dtype), np.floating):
-                continue
-            block = max(1, (64 << 20) // max(1, int(np.prod(arr.shape[1:])) * arr.dtype.itemsize))
-            for s in range(0, n, block):
-                try:
-                    x = np.asarray(arr[s: min(n, s + block)])
-                except Exception as exc:  # a damaged chunk
-                    errors.append(f"{store.path}: data/{key} steps {s}-{min(n, s + block) - 1} "
-                                  f"cannot be read ({exc})")
-                    break
-                bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
-                if bad.any():
-                    t = s + int(np.flatnonzero(bad)[0])
-                    ep = int(np.searchsorted(store.episode_ends, t, side="right"))
-                    errors.append(f"{store.path}: data/{key} has NaN/inf at step {t} "
-                                  f"(episode {ep}), expected finite values")
-                    break
-        partial = [] if store.path.is_file() else partial_files(store.path)
-        if partial:
-            notes.append(f"{store.path}: {len(partial)} temporary *.partial files left by a killed "
-                         f"writer (removed when the store is next opened for appending)")
+        space = env.action_space
     finally:
-        store.close()
-    return errors, notes
+        env.close()
+    if not hasattr(space, "low") or not hasattr(space, "high"):
+        raise StoreError(f"--task {name}: {task.env_id} has action space {space}, expected a Box with bounds")
+    return np.asarray(space.low, np.float64), np.asarray(space.high, np.float64), task.action_key
 
 
 def disk_usage(path, prefix: str = "") -> int:
@@ -143,10 +135,18 @@ def parse_episodes(spec: str, n_episodes: int) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from diffusion_policy.config import ConfigError
+
     parser = argparse.ArgumentParser(prog="dp-data", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="summary of a store").add_argument("store")
-    sub.add_parser("validate", help="check a store; exit 0 only if valid").add_argument("store")
+    p = sub.add_parser("validate", help="check a store; exit 0 only if valid")
+    p.add_argument("store")
+    depth = p.add_mutually_exclusive_group()
+    depth.add_argument("--full", action="store_true", help="decode every chunk")
+    depth.add_argument("--checksums", action="store_true",
+                       help="decode every chunk and compare each episode with its recorded digest")
+    p.add_argument("--task", default=None, help="also report actions outside this task's action space")
     sub.add_parser("pop", help="delete the last episode").add_argument("store")
     p = sub.add_parser("copy", help="copy episodes to a new zarr-v3 store")
     p.add_argument("src")
@@ -158,14 +158,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "info":
             print(info(args.store))
         elif args.command == "validate":
-            errors, notes = validate_store(args.store)
-            for line in notes:
+            bounds, action_key = None, "action"
+            if args.task is not None:
+                low, high, action_key = task_action_bounds(args.task)
+                bounds = (low, high)
+            report = scan_store(args.store, full=args.full, checksums=args.checksums,
+                                action_bounds=bounds, action_key=action_key)
+            for line in report.notes:
                 print(f"note: {line}")
-            for line in errors:
+            for line in report.errors:
                 print(f"dp-data: {line}", file=sys.stderr)
-            if errors:
-                return 1
-            print(f"{args.store}: valid")
+            if report.errors:
+                return 2
+            print(f"{args.store}: valid ({report.summary()})")
         elif args.command == "pop":
             store = EpisodeStore.open(args.store, mode="a")
             length = store.pop_episode()
@@ -177,9 +182,12 @@ def main(argv: list[str] | None = None) -> int:
                                                                        src.n_episodes)
                 dst = src.copy_to(args.dst, ids)
             print(f"{args.dst}: {dst.n_episodes} episodes, {dst.n_steps} steps")
-    except StoreError as exc:
+    except (StoreError, ConfigError) as exc:
         print(f"dp-data: {exc}", file=sys.stderr)
-        return 1
+        return 2
+    except OSError as exc:  # e.g. a full disk during copy (the partial copy is removed)
+        print(f"dp-data: {one_line(exc)}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -18,11 +18,18 @@ file replacement: the chunk holding the new end is written under the future shap
 metadata that makes it visible (zarr's LocalStore writes every file to a temporary name and renames
 it). A writer killed at any moment therefore leaves a store that opens with only complete
 episodes; the next append overwrites the uncommitted tail. One writer at a time.
+
+Integrity. Every chunk that holds committed steps is written, even one equal to the fill value
+(zarr skips those by default), so a missing chunk file is always damage, never zeros; and each
+append records a 64-bit BLAKE2b digest of every key's episode bytes in ``meta/episode_digests``
+(written before the commit, like the data). :mod:`diffusion_policy.data.integrity` checks both.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import shutil
 import warnings
 import zipfile
 from pathlib import Path
@@ -40,6 +47,9 @@ class StoreError(Exception):
 
 
 ENDS_CHUNK = 4096  # episode ends per chunk; a commit rewrites one small chunk
+DIGESTS = "episode_digests"  # meta/episode_digests: (episodes, keys) uint64, keys in its attrs
+DIGEST_NAME = "blake2b-64"  # of each key's episode values in C order, little-endian
+WRITE_ALL_CHUNKS = {"write_empty_chunks": True}  # a missing chunk file is damage, never zeros
 IMAGE_CHUNK_BYTES = 128 * 1024  # images: a few frames per chunk so a random read decodes little
 LOWDIM_CHUNK_BYTES = 1 << 20  # low-dim: long time chunks (read once, whole, into memory)
 
@@ -100,11 +110,29 @@ def _direct_chunk_reader(array: zarr.Array):
     def read(c: int) -> np.ndarray:
         try:
             raw = (root / md.encode_chunk_key((c,) + zeros)).read_bytes()
-        except FileNotFoundError:  # never written: the fill value
-            return np.full(chunk_shape, md.fill_value, dtype)
-        return np.frombuffer(blosc.decode(raw), dtype).reshape(chunk_shape)
+        except FileNotFoundError:  # every chunk is written (WRITE_ALL_CHUNKS): a missing one is damage
+            raise StoreError(f"{root}/{md.encode_chunk_key((c,) + zeros)}: chunk file is missing, "
+                             f"expected one for steps {c * chunk_shape[0]}-{(c + 1) * chunk_shape[0] - 1}"
+                             f" (dp-data validate lists every damaged chunk)") from None
+        try:
+            return np.frombuffer(blosc.decode(raw), dtype).reshape(chunk_shape)
+        except Exception as exc:  # truncated or garbage
+            raise StoreError(f"{root}/{md.encode_chunk_key((c,) + zeros)}: chunk cannot be decoded "
+                             f"({one_line(exc)}), expected a Blosc chunk of {np.prod(chunk_shape)} "
+                             f"values") from None
 
     return read, chunk_shape[0]
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (codec errors can span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def episode_digest(values: np.ndarray) -> int:
+    """64-bit BLAKE2b of an episode's values of one key (C order, little-endian), as an int."""
+    v = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
+    return int.from_bytes(hashlib.blake2b(v.data, digest_size=8).digest(), "little")
 
 
 class LazyArray:
@@ -196,7 +224,7 @@ def _read_ends(path: Path, group: zarr.Group) -> np.ndarray:
     except StoreError:
         raise
     except Exception as exc:  # unreadable metadata or chunk
-        raise StoreError(f"{path}: cannot read meta/episode_ends ({exc})") from exc
+        raise StoreError(f"{path}: cannot read meta/episode_ends ({one_line(exc)})") from exc
 
 
 def _check_ends(path: Path, group: zarr.Group) -> np.ndarray:
@@ -241,7 +269,7 @@ class EpisodeStore:
                 warnings.simplefilter("ignore", UserWarning)
                 self._arrays = {k: a for k, a in self._data.arrays()}
         except Exception as exc:  # e.g. a codec that is not installed (imagecodecs' jpeg2k)
-            raise StoreError(f"{self.path}: cannot read the arrays under data/ ({exc})") from exc
+            raise StoreError(f"{self.path}: cannot read the arrays under data/ ({one_line(exc)})") from exc
         n = self.n_steps
         for key, arr in sorted(self._arrays.items()):
             if arr.ndim == 0:
@@ -251,6 +279,13 @@ class EpisodeStore:
                 raise StoreError(f"{self.path}: data/{key} has {arr.shape[0]} steps, expected at "
                                  f"least {n} (meta/episode_ends[-1])")
         self._ends_array = group["meta"]["episode_ends"]
+        digests = group["meta"].get(DIGESTS)
+        self._digests = digests if isinstance(digests, zarr.Array) else None
+        if mode == "a":  # runtime setting, not stored: set on every array this object writes
+            self._arrays = {k: a.with_config(WRITE_ALL_CHUNKS) for k, a in self._arrays.items()}
+            self._ends_array = self._ends_array.with_config(WRITE_ALL_CHUNKS)
+            if self._digests is not None:
+                self._digests = self._digests.with_config(WRITE_ALL_CHUNKS)
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -271,7 +306,7 @@ class EpisodeStore:
         group.create_group("data")
         group.create_group("meta").create_array(
             "episode_ends", shape=(0,), chunks=(ENDS_CHUNK,), dtype="int64", fill_value=0,
-            compressors=[BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")])
+            compressors=[BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")], config=WRITE_ALL_CHUNKS)
         return cls(path, group, None, "a", False, chunks)
 
     @classmethod
@@ -345,8 +380,28 @@ class EpisodeStore:
         arr = self._arrays[key]
         if self.is_image(key) and not self.cache_images:
             return LazyArray(arr, self.n_steps)
-        self._cache[key] = np.asarray(arr[: self.n_steps])
+        self._cache[key] = self._read(key, slice(0, self.n_steps))
         return self._cache[key]
+
+    def _read(self, key: str, rows: slice) -> np.ndarray:
+        try:
+            return np.asarray(self._arrays[key][rows])
+        except Exception as exc:  # a damaged chunk (zarr names no chunk): point to the check that does
+            raise StoreError(f"{self.path}: data/{key} steps {rows.start}-{rows.stop - 1} cannot be read "
+                             f"({one_line(exc)}); `dp-data validate --full {self.path}` names the "
+                             f"damaged chunk") from None
+
+    def digests(self) -> tuple[list[str], np.ndarray] | None:
+        """Keys and ``(n_episodes, len(keys))`` uint64 digests recorded at append time (see
+        :func:`episode_digest`), or None where the store has none for every episode (written by
+        another tool, or appended to by one)."""
+        d = self._digests
+        if d is None or d.ndim != 2 or d.shape[0] < self.n_episodes:
+            return None
+        keys = list(d.attrs.get("keys", []))
+        if d.attrs.get("hash") != DIGEST_NAME or len(keys) != d.shape[1]:
+            return None
+        return keys, np.asarray(d[: self.n_episodes], dtype=np.uint64)
 
     def episode_slice(self, i: int) -> slice:
         n = self.n_episodes
@@ -362,7 +417,7 @@ class EpisodeStore:
         for key in (self.keys() if keys is None else keys):
             self._check_key(key)
             src = self._cache.get(key)
-            out[key] = src[sl].copy() if src is not None else np.asarray(self._arrays[key][sl])
+            out[key] = src[sl].copy() if src is not None else self._read(key, sl)
         return out
 
     def _check_key(self, key: str) -> None:
@@ -378,6 +433,11 @@ class EpisodeStore:
     def add_episode(self, data: Mapping[str, np.ndarray]) -> None:
         """Append one episode. Every key of the store must be given, all with the same length.
         Values are cast to the store's dtype only where numpy calls it safe or same-kind."""
+        self._add_episode(data, None)
+
+    def _add_episode(self, data: Mapping[str, np.ndarray], expected: Mapping[str, int] | None) -> None:
+        """``expected``: digests the values must have (``copy_to`` checks what it read against the
+        source's record before anything is written)."""
         self._check_writable("add_episode")
         if not data:
             raise StoreError(f"{self.path}: add_episode got no arrays")
@@ -396,17 +456,31 @@ class EpisodeStore:
                                  f"expected {length} (the length of data[{first!r}])")
         if length == 0:
             raise StoreError(f"{self.path}: add_episode: episode has 0 steps, expected at least 1")
-        n = self.n_steps
+        n, e = self.n_steps, self.n_episodes
         if self.n_episodes:
             self._check_same_keys(data)
         else:
             self._make_arrays(data)
-        # 1) data, possibly leaving an uncommitted tail if killed here
+        data = {k: v.astype(self._arrays[k].dtype, copy=False) for k, v in data.items()}
+        record = self._digests is not None and self._digests.shape[0] >= e  # one for every episode so far
+        hashes = {k: episode_digest(v) for k, v in data.items()} if record or expected else {}
+        digests = np.array([hashes[k] for k in self._digests.attrs["keys"]], np.uint64) if record else None
+        if expected is not None:
+            for key in data:
+                if key in expected and hashes[key] != expected[key]:
+                    raise StoreError(f"data/{key}: values read for this episode do not match the digest "
+                                     f"recorded when it was written ({expected[key]:016x}); a chunk is "
+                                     f"damaged")
+        # 1) data and digests, possibly leaving an uncommitted tail if killed here
         for key, v in data.items():
             arr = self._arrays[key]
             if arr.shape[0] != n + length:
                 arr.resize((n + length,) + tuple(arr.shape[1:]))
-            arr[n: n + length] = v.astype(arr.dtype, copy=False)
+            arr[n: n + length] = v
+        if digests is not None:
+            if self._digests.shape[0] != e + 1:
+                self._digests.resize((e + 1, len(digests)))
+            self._digests[e] = digests
         # 2) commit
         self._commit_ends(np.append(self._ends, n + length))
         for key, v in data.items():
@@ -443,7 +517,14 @@ class EpisodeStore:
             steps = self._chunks.get(key) or default_chunk_steps(v.shape[1:], v.dtype)
             self._arrays[key] = self._data.create_array(
                 key, shape=(0,) + v.shape[1:], chunks=(steps,) + v.shape[1:], dtype=v.dtype,
-                fill_value=0, compressors=[default_compressor(v.shape[1:])])
+                fill_value=0, compressors=[default_compressor(v.shape[1:])], config=WRITE_ALL_CHUNKS)
+        meta = self._group["meta"]
+        if DIGESTS in meta:
+            del meta[DIGESTS]
+        self._digests = meta.create_array(
+            DIGESTS, shape=(0, len(data)), chunks=(ENDS_CHUNK, len(data)), dtype="uint64", fill_value=0,
+            compressors=[BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")], config=WRITE_ALL_CHUNKS,
+            attributes={"keys": sorted(data), "hash": DIGEST_NAME})
         self._cache.clear()
 
     def _commit_ends(self, new_ends: np.ndarray) -> None:
@@ -471,19 +552,47 @@ class EpisodeStore:
             arr.resize((n,) + tuple(arr.shape[1:]))
             if key in self._cache:
                 self._cache[key] = self._cache[key][:n]
+        if self._digests is not None and self._digests.shape[0] > self.n_episodes:
+            self._digests.resize((self.n_episodes, self._digests.shape[1]))
         return length
 
     def copy_to(self, path, episodes: Iterable[int] | None = None) -> "EpisodeStore":
-        """Write the given episodes (default all, in the given order) to a new zarr-v3 store."""
+        """Write the given episodes (default all, in the given order) to a new zarr-v3 store.
+
+        The source's chunks under those episodes are checked first (missing, empty, truncated:
+        :func:`~diffusion_policy.data.integrity.check_store`), every value read is checked against
+        the source's digests where it has them, and the copy is written to a temporary sibling
+        renamed to ``path`` at the end: a failure leaves no store at ``path``.
+        """
+        from diffusion_policy.data.integrity import check_store
+
         ids = list(range(self.n_episodes)) if episodes is None else [int(i) for i in episodes]
         for i in ids:
             if not 0 <= i < self.n_episodes:
                 raise StoreError(f"{self.path}: episode {i} out of range (store has "
                                  f"{self.n_episodes} episodes: 0-{self.n_episodes - 1})")
-        dst = EpisodeStore.create(path)
-        for i in ids:
-            dst.add_episode(self.get_episode(i))
-        return dst
+        path = Path(path)
+        if path.exists():
+            raise StoreError(f"{path}: already exists (expected a new path for the copy)")
+        check_store(self, episodes=sorted(set(ids)), finite=False)
+        recorded = self.digests()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.copying")
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a copy killed before its rename
+        try:
+            dst = EpisodeStore.create(tmp)
+            for i in ids:
+                expected = None if recorded is None else dict(zip(recorded[0], map(int, recorded[1][i])))
+                try:
+                    dst._add_episode(self.get_episode(i), expected)
+                except StoreError as exc:
+                    if str(exc).startswith("data/"):  # a digest mismatch: name the source episode
+                        raise StoreError(f"{self.path}: episode {i}: {exc}") from None
+                    raise
+            os.rename(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return EpisodeStore.open(path, mode="a")
 
 
 _PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")

@@ -171,6 +171,37 @@ def test_two_guided_ddim_steps_match_closed_form(prediction_type):
     assert (unguided - got).abs().max() > 1000 * tol  # the guidance is far above the tolerance
 
 
+def test_with_clip_sample_the_error_is_taken_on_the_clipped_estimate():
+    """With ``clip_sample`` the scheduler acts on ``clip(x0_hat)``: the guidance error is taken on
+    that estimate and entries outside the range pass no gradient; DDIM then clips the shifted x0
+    and keeps the corrected epsilon (diffusers' DDIMScheduler.step)."""
+    B, beta = 3, 5.0
+    wide = Mixture([2.0 * MU], [S], [1.0])  # means up to 1.8: outside the clip range [-1, 1]
+    method = ddim("epsilon", 2, clip=True)
+    noise = torch.randn(B, H, DA, generator=torch.Generator().manual_seed(2))
+    Y = torch.zeros(H, DA, dtype=torch.float64)
+    Y[:3] = PREFIX.double()
+    ac = method.alphas_cumprod
+    x = noise.double()
+    clipped_somewhere = False
+    for k, k_prev in ((99, 49), (49, None)):
+        a, b = float(ac[k]) ** 0.5, (1 - float(ac[k])) ** 0.5
+        var = a * a * S * S + b * b
+        x0 = wide.means[0] + a * S * S / var * (x - a * wide.means[0])
+        eps = b / var * (x - a * wide.means[0])
+        inside = x0.abs() <= 1.0
+        clipped_somewhere |= bool((~inside[:, :3]).any())
+        g = a * S * S / var * inside * W4.double()[:, None] * (Y - x0.clamp(-1, 1))
+        w = min(beta, 1 / (a * b))
+        x0, eps = x0 + b * w * g, eps - a * w * g
+        a_prev = 1.0 if k_prev is None else float(ac[k_prev]) ** 0.5
+        x = a_prev * x0.clamp(-1, 1) + (1 - a_prev**2) ** 0.5 * eps
+    assert clipped_somewhere  # the case this test is about happens on the guided entries
+    got = guided_sample(method, ExactDiffusionNet(wide, ac, "epsilon"), torch.zeros(B, 1, 1), (B, H, DA),
+                        PREFIX.expand(B, 3, DA), W4, noise=noise, max_guidance=beta)
+    torch.testing.assert_close(got, x.float(), atol=1e-4, rtol=1e-5)
+
+
 # ------------------------------------------------------------------- zero weights: the plain sampler
 class SmallNet(nn.Module):
     """A nonlinear network with parameters (to check that none of them gets a gradient)."""

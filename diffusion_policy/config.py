@@ -151,6 +151,14 @@ class CollectConfig:
     """Parallel worker processes (0 = one per CPU core)."""
     max_attempts_factor: float = 3.0
     """Give up after episodes x this many attempts."""
+    dart_noise: float = 0.0
+    """DART (Laskey et al., 2017): the standard deviation of Gaussian noise added to the expert's
+    action before it is executed, as a fraction of each action dimension's range (high - low of
+    the env's action space; 0.02 on Push-T = 1 cm). The store's ``action`` is the clean expert
+    action, ``action_executed`` the perturbed one the env received. 0 = off."""
+    dart_episodes: float = 1.0
+    """With ``dart_noise > 0``: the fraction of episodes that are perturbed (each attempt draws it
+    from its seed); the others are clean, with ``action_executed`` equal to ``action``."""
 
 
 @dataclass

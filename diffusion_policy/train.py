@@ -154,6 +154,9 @@ def train(cfg: TrainConfig) -> dict:
     # ---- data: episodes split by a seed, normalizer fitted on the training episodes only
     task = cfg.task
     store = EpisodeStore.open(cfg.data, cache_images=bool(task.image_keys))  # images: in memory
+    from diffusion_policy.collect import check_store_task  # the store's env version is the task's
+
+    check_store_task(cfg.data, task)
     keys = list(task.obs_keys) + [task.action_key]
     missing = [k for k in keys if k not in store.keys()]
     if missing:

@@ -2,6 +2,13 @@
 
 The task of Florence et al. (Implicit BC, 2021) and Chi et al. (Diffusion Policy, 2023), rebuilt on
 MuJoCo with a quasi-static block (see ``assets/pusht.xml`` for the physical choices).
+
+Two versions, registered in ``envs/__init__.py``:
+
+- ``dp/PushT-v0`` (:class:`PushTEnv`, ``assets/pusht.xml``): an open table; a push can take the
+  block off the table and out of the camera's view, where it stays.
+- ``dp/PushT-v1`` (:class:`PushTWallsEnv`, ``assets/pusht_v1.xml``): the same task inside walls, as
+  in the original pymunk Push-T: the block and the pusher stay on the table, in view.
 """
 from __future__ import annotations
 
@@ -17,9 +24,10 @@ import mujoco
 from envs import geometry
 
 ASSET = Path(__file__).parent / "assets" / "pusht.xml"
+ASSET_V1 = Path(__file__).parent / "assets" / "pusht_v1.xml"
 UNIT = 0.035  # stem width u of the T (m); the XML's block and target geoms use the same numbers
 TARGET_POSE = np.array([0.0, 0.0, np.pi / 4])
-ARENA = 0.25  # the pusher works in [-ARENA, ARENA]^2
+ARENA = 0.25  # actions (pusher targets) lie in [-ARENA, ARENA]^2; v1's table is this square
 SUCCESS_COVERAGE = 0.95
 # Keypoints: the 8 outline corners of the T and the middle of the stem's bottom edge (its tip).
 KEYPOINTS_LOCAL = np.concatenate(
@@ -32,7 +40,8 @@ class PushTEnv(gym.Env):
     ## Action Space
     ``Box(-0.25, 0.25, (2,), float32)``: the target position (m) of the pusher in the arena. A
     position servo tracks a setpoint that moves towards the target at up to ``max_speed`` m/s
-    (0.4 by default), i.e. up to 4 cm per 0.1 s control step.
+    (0.4 by default), i.e. up to 4 cm per 0.1 s control step. The setpoint stays within
+    ``agent_limit`` (the model's actuator range: 0.25 here, 0.238 in :class:`PushTWallsEnv`).
 
     ## Observation Space
     A ``Dict`` of float32 / uint8 boxes chosen by ``obs_mode``:
@@ -57,10 +66,11 @@ class PushTEnv(gym.Env):
 
     ## Episode End
     Terminated on success (coverage >= 0.95). Truncated by the registration's time limit:
-    300 steps (30 s at 10 Hz) for ``dp/PushT-v0``.
+    300 steps (30 s at 10 Hz) for ``dp/PushT-v0`` and ``dp/PushT-v1``.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
+    asset = ASSET  # the MJCF model; the version's dynamics live there
 
     def __init__(self, obs_mode: str = "state", render_mode: str | None = None,
                  render_size: int = 256, image_size: int = 96, max_speed: float = 0.4):
@@ -72,7 +82,7 @@ class PushTEnv(gym.Env):
                 f"PushTEnv: render_mode must be None or 'rgb_array', got {render_mode!r}")
         self.obs_mode, self.render_mode = obs_mode, render_mode
         self.render_size, self.image_size, self.max_speed = render_size, image_size, max_speed
-        self.model = mujoco.MjModel.from_xml_path(str(ASSET))
+        self.model = mujoco.MjModel.from_xml_path(str(self.asset))
         self.data = mujoco.MjData(self.model)
         self.control_dt = 0.1  # 10 Hz
         self.frame_skip = int(round(self.control_dt / self.model.opt.timestep))
@@ -82,6 +92,9 @@ class PushTEnv(gym.Env):
         self._agent_qpos = np.array([self.model.joint(n).qposadr[0]
                                      for n in ("agent_x", "agent_y")])
         self._renderers: dict[int, mujoco.Renderer] = {}
+        # The servo's setpoint range (the XML's actrange): where the pusher can be sent. 0.25 in v0;
+        # in v1 the table less the pusher's radius, so the pusher never presses into a wall.
+        self.agent_limit = float(self.model.actuator("agent_x").actrange[1])
 
         self.action_space = spaces.Box(-ARENA, ARENA, shape=(2,), dtype=np.float32)
         agent = spaces.Box(-ARENA - 0.05, ARENA + 0.05, shape=(2,), dtype=np.float32)
@@ -183,3 +196,22 @@ class PushTEnv(gym.Env):
         for renderer in self._renderers.values():
             renderer.close()
         self._renderers.clear()
+
+
+class PushTWallsEnv(PushTEnv):
+    """``dp/PushT-v1``: Push-T on a walled table, as in the pymunk Push-T of Chi et al. (2023).
+
+    Identical to :class:`PushTEnv` (``dp/PushT-v0``: spaces, rewards, starting state, episode end)
+    except for the model, ``assets/pusht_v1.xml``:
+
+    - Four solid walls fill the band between the table, ``[-0.25, 0.25]^2``, and the edge of the
+      camera's view, ``[-0.27, 0.27]^2``: the block slides along them and cannot leave the table or
+      the 96x96 image. (In v0 a push can take the block off the table for good.)
+    - The pusher's setpoint stays in ``[-0.238, 0.238]^2`` (``agent_limit``: the table less the
+      pusher's radius), so the pusher stays on the table; a target beyond that holds it at the wall.
+
+    The starting state never touches a wall: the block's centre is within 0.15 of the middle and
+    its outline within 0.095 of its centre, so within 0.245 < 0.25 of the middle.
+    """
+
+    asset = ASSET_V1

@@ -58,6 +58,9 @@ class PushTExpert:
         self._spec = mujoco.mjtState.mjSTATE_FULLPHYSICS
         self._nstate = mujoco.mj_stateSize(u.model, self._spec)
         self.radius = float(u.model.geom("agent").size[0])
+        # Where the pusher can be sent (0.25 in v0; 0.238 in v1, the walled table less the radius):
+        # start points stay 1 cm and push ends 5 mm inside it, targets are clipped to it.
+        self.limit = u.agent_limit
         self.pieces = geometry.t_pieces(u.unit)
         self.outline = geometry.t_outline(u.unit)
         self.hull = geometry.convex_hull(self.outline)
@@ -174,7 +177,7 @@ class PushTExpert:
         for i in idx:
             start_l, entry_l, n = self.contacts[i]
             start_w = R @ start_l + pose[:2]
-            if np.any(np.abs(start_w) > 0.24):
+            if np.any(np.abs(start_w) > self.limit - 0.01):
                 continue
             for ang in self.angles:
                 d = geometry.rot(ang) @ (-n)
@@ -182,7 +185,7 @@ class PushTExpert:
             if len(cands) >= self.max_candidates:
                 break
         if not cands:
-            self.queue, self.n_travel = [np.clip(agent * 0.9, -0.24, 0.24)], 1
+            self.queue, self.n_travel = [np.clip(agent * 0.9, 0.01 - self.limit, self.limit - 0.01)], 1
             self.plan_pose = pose
             return
 
@@ -213,7 +216,7 @@ class PushTExpert:
         end = np.array([s for _, s, _, _ in cands])[:, None, :] + \
             np.array([d for _, _, d, _ in cands])[:, None, :] * push_len[None, :, None]
         rate = (e_now_s - err) / (travel_steps[:, None] + push_steps[None, :])
-        rate[np.any(np.abs(end) > 0.245, axis=-1)] = -np.inf
+        rate[np.any(np.abs(end) > self.limit - 0.005, axis=-1)] = -np.inf
         best = rate.max()
         good = np.argwhere(rate >= best - 0.15 * abs(best))
         k, t = good[self.rng.integers(len(good))]
@@ -230,7 +233,7 @@ class PushTExpert:
         step = speed * u.control_dt
         for j in range(1, int(np.ceil(length / step)) + 1):
             actions.append(start_w + dir_w * min(j * step, length))
-        self.queue = [np.clip(a, -0.25, 0.25) for a in actions]
+        self.queue = [np.clip(a, -self.limit, self.limit) for a in actions]
         self.plan_pose = pose
 
     def _discretise(self, points: list[np.ndarray], dt: float) -> list[np.ndarray]:

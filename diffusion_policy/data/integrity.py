@@ -139,8 +139,9 @@ def scan_store(store, *, keys=None, full: bool = False, checksums: bool = False,
         arrays = [(f"meta/{name}", meta[name], [(0, store.n_episodes)] if store.n_episodes else [], None)
                   for name in ("episode_ends", DIGESTS) if name in meta]
         arrays += [(f"data/{k}", store.zarr_array(k), rows, ends) for k in keys]
+        bad_files = {}  # label -> time-chunk indices already reported (not reported again when decoding)
         for label, arr, arr_rows, arr_ends in arrays:
-            rep.chunks += _check_chunk_files(rep, files, label, arr, arr_rows, arr_ends)
+            bad_files[label] = _check_chunk_files(rep, files, label, arr, arr_rows, arr_ends)
     finally:
         files.close()
 
@@ -159,7 +160,7 @@ def scan_store(store, *, keys=None, full: bool = False, checksums: bool = False,
         if not (full or checksums or hashed or (finite and is_float) or in_bounds):
             continue
         _read_values(rep, store, key, rows, finite and is_float, bounds if in_bounds else None,
-                     recorded[1][:, recorded[0].index(key)] if hashed else None)
+                     recorded[1][:, recorded[0].index(key)] if hashed else None, bad_files[f"data/{key}"])
 
     # ---- 3) notes: what a killed writer leaves (harmless)
     if store.n_episodes == 0:
@@ -249,28 +250,30 @@ def _location(arr_ends, a: int, b: int) -> str:
 
 
 def _check_chunk_files(rep: StoreReport, files: _ChunkFiles, label: str, arr: zarr.Array,
-                       rows: list[tuple[int, int]], arr_ends) -> int:
-    """Adds an error per missing, empty or mismatching chunk file under ``rows``; returns files looked at."""
+                       rows: list[tuple[int, int]], arr_ends) -> set[int]:
+    """Adds an error per missing, empty or mismatching chunk file under ``rows``; returns the time
+    indices of those chunks."""
     shape = _file_shape(arr)
     kind = "other" if getattr(arr, "shards", None) else _codec_kind(arr)
     nbytes = math.prod(shape) * np.dtype(arr.dtype).itemsize
     committed = rows[-1][1] if rows else 0
     time_chunks = sorted({c for a, b in rows for c in range(a // shape[0], (b - 1) // shape[0] + 1)})
     others = list(itertools.product(*[range(math.ceil(s / c)) for s, c in zip(arr.shape[1:], shape[1:])]))
-    bad, n = [], 0
+    bad, bad_chunks = [], set()
     for c in time_chunks:
         for rest in others:
-            n += 1
+            rep.chunks += 1
             ckey = arr.metadata.encode_chunk_key((c,) + rest)
             found = files.head(f"{arr.path}/{ckey}", BLOSC_HEADER)
             problem = _file_problem(found, kind, nbytes)
             if problem:
                 a, b = c * shape[0], min((c + 1) * shape[0], committed)
+                bad_chunks.add(c)
                 bad.append(f"{rep.path}: {label} chunk {ckey} ({_location(arr_ends, a, b)}) {problem}")
     rep.errors += bad[:MAX_LINES]
     if len(bad) > MAX_LINES:
         rep.errors.append(f"{rep.path}: {label}: {len(bad) - MAX_LINES} more damaged chunks")
-    return n
+    return bad_chunks
 
 
 def _file_problem(found: tuple[int, bytes] | None, kind: str, nbytes: int) -> str | None:
@@ -297,8 +300,9 @@ def _file_problem(found: tuple[int, bytes] | None, kind: str, nbytes: int) -> st
 
 # ------------------------------------------------------------------------------------- values
 def _read_values(rep: StoreReport, store: EpisodeStore, key: str, rows, check_finite: bool, bounds,
-                 digests) -> None:
-    """Decode ``data/<key>`` over ``rows`` block by block: damaged chunks, NaN/inf, bounds, digests."""
+                 digests, known: set[int]) -> None:
+    """Decode ``data/<key>`` over ``rows`` block by block: damaged chunks (other than the ``known``
+    time indices, already reported), NaN/inf, bounds, digests."""
     arr = store.zarr_array(key)
     ends = store.episode_ends
     starts = np.concatenate([[0], ends[:-1]])
@@ -308,7 +312,11 @@ def _read_values(rep: StoreReport, store: EpisodeStore, key: str, rows, check_fi
     block = max(c0, BLOCK_BYTES // row_bytes // c0 * c0)
     nonfinite: dict[int, int] = {}  # episode -> first step
     outside: dict[int, tuple] = {}  # episode -> (step, dim, value)
-    hashers: dict[int, object] = {}
+    hashers: dict[int, object] = {}  # episode -> BLAKE2b state, None where it cannot be verified
+    for c in known:  # a damaged file may still decode (Blosc stores small chunks as plain copies)
+        for ep in range(int(np.searchsorted(ends, c * c0, side="right")),
+                        int(np.searchsorted(ends, min((c + 1) * c0, store.n_steps) - 1, side="right")) + 1):
+            hashers[ep] = None
     damaged = []
     for lo, hi in rows:
         s = lo
@@ -317,7 +325,7 @@ def _read_values(rep: StoreReport, store: EpisodeStore, key: str, rows, check_fi
             try:
                 x = np.asarray(arr[s:e])
             except Exception:
-                damaged += _find_damaged(rep.path, key, arr, s, e, ends)
+                damaged += _find_damaged(rep.path, key, arr, s, e, ends, known)
                 for ep in np.unique(np.searchsorted(ends, np.arange(s, e), side="right")):
                     hashers[int(ep)] = None  # cannot be verified: its chunk is reported instead
                 s = e
@@ -377,12 +385,16 @@ def _episodes(eps: list[int]) -> str:
     return f"episode{'s' * (len(eps) > 1)} {shown}"
 
 
-def _find_damaged(where: Path, key: str, arr: zarr.Array, s: int, e: int, ends) -> list[str]:
-    """The chunks of ``data/<key>`` over steps [s, e) that zarr cannot decode, one line each."""
+def _find_damaged(where: Path, key: str, arr: zarr.Array, s: int, e: int, ends, known: set[int]) -> list[str]:
+    """The chunks of ``data/<key>`` over steps [s, e) that zarr cannot decode, one line each, leaving
+    out the ``known`` time indices."""
     shape = _file_shape(arr)
     others = list(itertools.product(*[range(math.ceil(n / c)) for n, c in zip(arr.shape[1:], shape[1:])]))
     out = []
-    for c in range(s // shape[0], (e - 1) // shape[0] + 1):
+    chunks = range(s // shape[0], (e - 1) // shape[0] + 1)
+    for c in chunks:
+        if c in known:
+            continue
         for rest in others:
             try:
                 arr.get_block_selection((c,) + rest)
@@ -390,6 +402,6 @@ def _find_damaged(where: Path, key: str, arr: zarr.Array, s: int, e: int, ends) 
                 a, b = c * shape[0], min((c + 1) * shape[0], e)
                 out.append(f"{where}: data/{key} chunk {arr.metadata.encode_chunk_key((c,) + rest)} "
                            f"({_location(ends, a, b)}) cannot be decoded ({one_line(exc)})")
-    if not out:  # the block failed but no single chunk does: name the steps
+    if not out and not known.intersection(chunks):  # the block failed, no single chunk does: name the steps
         out.append(f"{where}: data/{key} steps {s}-{e - 1} cannot be read")
     return out

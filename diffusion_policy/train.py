@@ -27,6 +27,7 @@ from diffusion_policy.config import ConfigError, TrainConfig, as_dict, run_cli
 from diffusion_policy.data.normalize import Normalizer
 from diffusion_policy.distributed import rank_world, resolve_device
 from diffusion_policy.data.store import EpisodeStore, StoreError
+from diffusion_policy.data.integrity import check_store
 from diffusion_policy.data.windows import WindowSampler, batch_to_torch, split_episodes
 from diffusion_policy.logger import Logger
 from diffusion_policy.policy import Policy
@@ -157,6 +158,7 @@ def train(cfg: TrainConfig) -> dict:
     from diffusion_policy.collect import check_store_task  # the store's env version is the task's
 
     check_store_task(cfg.data, task)
+    check_store(store, keys=[*task.obs_keys, task.action_key], min_episodes=1)  # damaged chunks, NaN/inf
     keys = list(task.obs_keys) + [task.action_key]
     missing = [k for k in keys if k not in store.keys()]
     if missing:

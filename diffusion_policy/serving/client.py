@@ -91,7 +91,7 @@ class RemotePolicy:
         self.backoff_s, self.max_backoff_s = float(backoff_s), float(max_backoff_s)
         self.metadata: dict = {}
         self.session: dict = {}
-        self.reconnects = 0  # connections made after the first
+        self.reconnects = 0  # successful connections after the first
         self.last_timings: dict = {}
         self._ids = itertools.count(1)
         self._conn = None
@@ -115,8 +115,9 @@ class RemotePolicy:
     # ------------------------------------------------------------------------------ connection
     def _open(self) -> None:
         """One connection attempt and handshake; raises OSError/ConnectionClosed to be retried."""
+        # legacy=True: the connection itself (websockets >= 17 otherwise yields it from a context)
         conn = connect(self.url, open_timeout=self.timeout_s, close_timeout=1.0, compression=None,
-                       max_size=self.max_message_bytes)
+                       max_size=self.max_message_bytes, legacy=True)
         try:
             conn.send(P.pack({"type": "hello", "version": P.PROTOCOL_VERSION, "token": self.token,
                               "seed": self.seed, "client": "diffusion_policy.serving.client"}))
@@ -136,6 +137,8 @@ class RemotePolicy:
                 conn.close()
                 raise RemoteError(f"{self.url}: after reconnecting the server serves another policy "
                                   f"(metadata {changed} changed); refusing to use it", "handshake")
+        if self.metadata:
+            self.reconnects += 1
         self.metadata, self.session, self._conn = meta, reply["session"], conn
 
     def _connect(self) -> None:
@@ -209,7 +212,6 @@ class RemotePolicy:
                 if attempt:
                     raise ConnectionError(f"{self.url}: connection lost again after reconnecting "
                                           f"({e})") from None
-                self.reconnects += 1
 
     # ------------------------------------------------------------------------------ policy calls
     def predict(self, obs: dict, num_steps: int | None = None, generator=None, prefix=None,

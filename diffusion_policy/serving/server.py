@@ -149,6 +149,7 @@ class PolicyServer:
         self._ids = itertools.count(1)
         self._server = None
         self._thread = None
+        self._serving = False
 
     # ------------------------------------------------------------------------------ lifecycle
     def bind(self) -> "PolicyServer":
@@ -175,6 +176,7 @@ class PolicyServer:
     def serve_forever(self) -> None:
         if self._server is None:
             self.bind()
+        self._serving = True
         self._server.serve_forever()
 
     @property
@@ -189,10 +191,14 @@ class PolicyServer:
     def close(self) -> None:
         """Stop listening, close every connection (code 1001) and wait for their handlers."""
         if self._server is not None:
+            if self._thread is None and not self._serving:
+                # bound but never served: shutdown() waits for serve_forever() to have stopped
+                self._server.socket_closed.set()
             self._server.shutdown()
         if self._thread is not None:
             self._thread.join()
         self._server = self._thread = None
+        self._serving = False
 
     def __enter__(self):
         return self.start()

@@ -19,7 +19,12 @@ from torch import nn
 from diffusion_policy.config import MethodConfig, PolicyConfig, TaskConfig
 from diffusion_policy.data.normalize import Normalizer
 from diffusion_policy.methods import DiffusionMethod, FlowMatching, Regression
-from diffusion_policy.methods.guidance import guidance_weight, guided_sample, predict_guided, rtc_weights
+from diffusion_policy.methods.guidance import (
+    guidance_weight,
+    guided_sample,
+    predict_guided,
+    rtc_weights,
+)
 from diffusion_policy.policy import Policy
 
 
@@ -284,10 +289,12 @@ def _policy() -> Policy:
     task = TaskConfig(name="toy", env_id="none", obs_keys=["pos"], horizon=H, n_obs_steps=2, n_action_steps=2)
     rng = np.random.default_rng(0)
     act = rng.uniform([-2.0, 10.0], [4.0, 11.0], (64, 2)).astype(np.float32)  # far from [-1, 1]
-    normalizer = Normalizer.fit({"pos": rng.normal(size=(64, 2)), "action": act}, {"pos": "minmax", "action": "minmax"})
+    normalizer = Normalizer.fit({"pos": rng.normal(size=(64, 2)), "action": act},
+                                {"pos": "minmax", "action": "minmax"})
     torch.manual_seed(0)
-    policy = Policy.build(task, PolicyConfig(name="mlp", hidden_dims=[16]), MethodConfig(name="flow", num_inference_steps=2),
-                          normalizer, {"pos": (2,)}, action_dim=2).eval()
+    policy = Policy.build(task, PolicyConfig(name="mlp", hidden_dims=[16]),
+                          MethodConfig(name="flow", num_inference_steps=2), normalizer, {"pos": (2,)},
+                          action_dim=2).eval()
     policy.net = ExactFlowNet(GAUSS)  # normalized units: the Gaussian of the closed-form tests
     policy.net.register_parameter("unused", nn.Parameter(torch.zeros(())))  # Policy.device reads a parameter
     return policy

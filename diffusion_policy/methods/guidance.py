@@ -34,6 +34,7 @@ rest of the overlap); ``weights`` must be 0 from ``P`` on.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import torch
@@ -137,7 +138,6 @@ def guided_sample(method, net, cond: torch.Tensor, shape: tuple[int, int, int], 
     draws it, so that weights all 0 give the unguided sample). ``max_guidance``: beta of eq. 2.
     The frozen actions are not overwritten: the result is what the guided sampler produced.
     """
-    B, H, Da = shape
     device = cond.device
     Y, W = _check(shape, prefix, weights, max_guidance, device)
     if noise is None:
@@ -208,22 +208,9 @@ def _diffusion(method, net, cond, x, Y, W, n, generator, max_guidance):
         abar = float(method.alphas_cumprod[int(k)])
         a, b = abar**0.5, (1.0 - abar) ** 0.5
         t_net = torch.full((B,), float(k), device=x.device)
-
-        def x0_of_x(x):
-            out = net(x, t_net, cond).float()
-            if pt == "epsilon":
-                x0 = (x - b * out) / a
-            elif pt == "sample":
-                x0 = out
-            else:  # v = a eps - b x0  =>  x0 = a x - b v
-                x0 = a * x - b * out
-            # the estimate the scheduler acts on: with clip_sample, entries outside the range carry
-            # no guidance (near pure noise an epsilon network's x0 = (x - b eps) / a is unreliable)
-            return out, (x0 if clip is None else x0.clamp(-clip, clip))
-
-        out, _, g = _vjp(x0_of_x, x, Y, W)
+        out, _, g = _vjp(functools.partial(_x0_hat, net, t_net, cond, a, b, pt, clip), x, Y, W)
         w = guidance_weight(a, b, max_guidance)
-        # x0_hat + b w g at fixed x = a x0 + b eps (a^2 + b^2 = 1): eps - a w g, v - w g
+        # x0_hat moves by b w g at fixed x = a x0 + b eps (a^2 + b^2 = 1): eps - a w g, x0 + b w g, v - w g
         if pt == "epsilon":
             out = out - a * w * g
         elif pt == "sample":
@@ -232,6 +219,20 @@ def _diffusion(method, net, cond, x, Y, W, n, generator, max_guidance):
             out = out - w * g
         x = sched.step(out, k, x, generator=generator).prev_sample
     return x
+
+
+def _x0_hat(net, t_net, cond, a: float, b: float, prediction_type: str, clip: float | None, x: torch.Tensor):
+    """``(out, x0_hat)``: the network's output at ``x = a x0 + b eps`` and its x0 estimate."""
+    out = net(x, t_net, cond).float()
+    if prediction_type == "epsilon":
+        x0 = (x - b * out) / a
+    elif prediction_type == "sample":
+        x0 = out
+    else:  # v = a eps - b x0  =>  x0 = a x - b v
+        x0 = a * x - b * out
+    # the estimate the scheduler acts on: with clip_sample, entries outside the range carry no
+    # guidance (near pure noise an epsilon network's x0 = (x - b eps) / a is unreliable)
+    return out, (x0 if clip is None else x0.clamp(-clip, clip))
 
 
 @torch.no_grad()

@@ -116,10 +116,10 @@ def _direct_chunk_reader(array: zarr.Array):
                              f" (dp-data validate lists every damaged chunk)") from None
         try:
             return np.frombuffer(blosc.decode(raw), dtype).reshape(chunk_shape)
-        except Exception as exc:  # truncated or garbage
+        except Exception as exc:  # truncated or garbage (the cause is kept for the integrity check)
             raise StoreError(f"{root}/{md.encode_chunk_key((c,) + zeros)}: chunk cannot be decoded "
                              f"({one_line(exc)}), expected a Blosc chunk of {np.prod(chunk_shape)} "
-                             f"values") from None
+                             f"values") from exc
 
     return read, chunk_shape[0]
 

@@ -244,6 +244,8 @@ def test_action_bounds(tmp_path, capsys):
     assert errors(path, action_bounds=(-0.47, 0.47)) == [line]
     assert scan_store(path, action_bounds=([-0.6, -0.47], [0.47, 0.8])).out_of_bounds == []
     assert errors(path) == []  # no bounds given, none checked
+    assert errors(path, action_bounds=(-1, 1), action_key="act") == [
+        f"{path}: no array data/act to check against the action bounds (the store has ['action', 'state'])"]
     code, _, err = cli(["validate", path, "--task", "avoid"], capsys)  # dp/Avoid-v0: Box(-0.47, 0.47)
     assert (code, err) == (2, f"dp-data: {line}\n")
     code, _, err = cli(["validate", path, "--task", "nosuchtask"], capsys)
@@ -352,7 +354,7 @@ def toy_train_store(path):
     return path
 
 
-@pytest.mark.parametrize("kind", ["missing", "empty_chunk", "nan", "no_episodes"])
+@pytest.mark.parametrize("kind", ["missing", "empty_chunk", "garbage", "nan", "no_episodes"])
 def test_dp_train_refuses(kind, tmp_path, capsys):
     from diffusion_policy.train import main as train_main
 
@@ -365,6 +367,12 @@ def test_dp_train_refuses(kind, tmp_path, capsys):
         if kind == "missing":
             os.remove(path / "data/action/c/2/0")
             expected = f"{path}: data/action chunk c/2/0 (steps 32-47, episodes 1-2) {MISSING}"
+        elif kind == "garbage":
+            f = path / "data/state/c/0/0"
+            f.write_bytes(bytes(range(256)) * 2)
+            expected = (f"{path}: data/state chunk c/0/0 (steps 0-15, episode 0) is not a Blosc chunk of this "
+                        f"array (its header states {int.from_bytes(bytes(range(4, 8)), 'little')} bytes, "
+                        f"expected 384)")
         elif kind == "empty_chunk":
             (path / "data/state/c/1/0").write_bytes(b"")
             expected = (f"{path}: data/state chunk c/1/0 (steps 16-31, episodes 0-1) is empty (0 bytes, "

@@ -135,6 +135,9 @@ def scan_store(store, *, keys=None, full: bool = False, checksums: bool = False,
         return rep
     if store.n_episodes and not store.keys():
         rep.errors.append(f"{where}: data has no arrays (expected data/<key>)")
+    if action_bounds is not None and store.n_episodes and action_key not in store:
+        rep.errors.append(f"{where}: no array data/{action_key} to check against the action bounds (the store "
+                          f"has {store.keys()})")
     ends = store.episode_ends
     ids = range(store.n_episodes) if episodes is None else sorted({int(i) for i in episodes})
     rows = _merge([(store.episode_slice(i).start, store.episode_slice(i).stop) for i in ids])

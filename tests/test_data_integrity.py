@@ -248,6 +248,9 @@ def test_action_bounds(tmp_path, capsys):
         f"{path}: no array data/act to check against the action bounds (the store has ['action', 'state'])"]
     code, _, err = cli(["validate", path, "--task", "avoid"], capsys)  # dp/Avoid-v0: Box(-0.47, 0.47)
     assert (code, err) == (2, f"dp-data: {line}\n")
+    code, _, err = cli(["validate", path, "--recorded-env"], capsys)
+    assert (code, err) == (2, f"dp-data: {path}: records no env_id in its attributes (stores of dp-collect do); "
+                              f"pass --task NAME instead of --recorded-env\n")
     code, _, err = cli(["validate", path, "--task", "nosuchtask"], capsys)
     assert code == 2 and err.count("\n") == 1 and "nosuchtask" in err
 
@@ -399,6 +402,13 @@ def test_dp_collect_refuses_to_append_to_a_store_with_nan(tmp_path, capsys):
     assert err == (f"dp-collect: {out}: data/action has NaN/inf in episode 0 (first at step {n - 1}), "
                    f"expected finite values\n")
     assert EpisodeStore.open(out).n_episodes == 1
+    # the env the store records (dp/Avoid-v0): its action space bounds the actions
+    zarr.open_group(str(out), mode="r+")["data/action"][n - 1, 0] = 0.5
+    code, _, err = cli(["validate", out, "--recorded-env"], capsys)
+    assert (code, err) == (2, f"dp-data: {out}: data/action is outside the action bounds in episode 0 (first at "
+                              f"step {n - 1}: 0.5 in dimension 0), expected values in [-0.47, 0.47]\n")
+    code, _, err = cli(["validate", tmp_path / "x.zarr", "--recorded-env"], capsys)
+    assert (code, err) == (2, f"dp-data: {tmp_path / 'x.zarr'}: no such file or directory (expected a Zarr store)\n")
     # a bad setting fails before any store exists
     assert collect_main(["task=avoid", "episodes=0", f"out={tmp_path / 'b.zarr'}"]) == 2
     assert not (tmp_path / "b.zarr").exists()

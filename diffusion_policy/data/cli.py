@@ -1,7 +1,7 @@
 """``dp-data``: inspect, check (:func:`validate_store`) and edit episode stores.
 
     dp-data info STORE                      episodes, steps, per-key shape/dtype/chunks/codecs/size
-    dp-data validate STORE [--full | --checksums] [--task NAME]
+    dp-data validate STORE [--full | --checksums] [--task NAME | --recorded-env]
                                             exit status 0 only if the store is valid
     dp-data pop STORE                       delete the last episode
     dp-data copy SRC DST --episodes 0-9,12  copy episodes to a new zarr-v3 store (converts v2/zip)
@@ -9,7 +9,9 @@
 ``validate`` checks what :mod:`diffusion_policy.data.integrity` describes: by default every chunk
 file is present with a size that matches its header and floating-point keys hold no NaN/inf;
 ``--full`` decodes every chunk; ``--checksums`` also compares every episode with the digest recorded
-when it was appended; ``--task pusht`` also reports actions outside that task's action space.
+when it was appended; ``--task pusht`` also reports actions outside that task's action space, and
+``--recorded-env`` outside the action space of the env the store records it was collected on
+(``env_id`` and ``env_kwargs`` in its attributes, written by ``dp-collect``).
 
 Bad input gives one line on stderr per problem, naming the path, array, episode or chunk and what
 was expected, and exit status 2; ``info`` and ``validate`` open the store read-only and never
@@ -46,18 +48,35 @@ def validate_store(path, full: bool = False, checksums: bool = False, action_bou
 
 def task_action_bounds(name: str) -> tuple[np.ndarray, np.ndarray, str]:
     """(low, high, action key) of task ``name``'s environment (``configs/task/<name>.yaml``)."""
-    from diffusion_policy.collect import make_env
     from diffusion_policy.config import compose
 
     task = compose("collect", [f"task={name}"]).task
-    env = make_env(task.env_id, dict(task.env_kwargs), task.max_episode_steps)
+    low, high = env_action_bounds(task.env_id, dict(task.env_kwargs), f"--task {name}")
+    return low, high, task.action_key
+
+
+def recorded_action_bounds(path) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) of the env recorded in the store's attributes (``env_id``, ``env_kwargs``)."""
+    with EpisodeStore.open(path) as store:
+        attrs = dict(store._group.attrs)
+    if "env_id" not in attrs:
+        raise StoreError(f"{path}: records no env_id in its attributes (stores of dp-collect do); "
+                         f"pass --task NAME instead of --recorded-env")
+    return env_action_bounds(str(attrs["env_id"]), dict(attrs.get("env_kwargs") or {}),
+                             f"{path}: recorded env")
+
+
+def env_action_bounds(env_id: str, env_kwargs: dict, what: str) -> tuple[np.ndarray, np.ndarray]:
+    from diffusion_policy.collect import make_env
+
+    env = make_env(env_id, env_kwargs, 1)
     try:
         space = env.action_space
     finally:
         env.close()
     if not hasattr(space, "low") or not hasattr(space, "high"):
-        raise StoreError(f"--task {name}: {task.env_id} has action space {space}, expected a Box with bounds")
-    return np.asarray(space.low, np.float64), np.asarray(space.high, np.float64), task.action_key
+        raise StoreError(f"{what}: {env_id} has action space {space}, expected a Box with bounds")
+    return np.asarray(space.low, np.float64), np.asarray(space.high, np.float64)
 
 
 def disk_usage(path, prefix: str = "") -> int:
@@ -146,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     depth.add_argument("--full", action="store_true", help="decode every chunk")
     depth.add_argument("--checksums", action="store_true",
                        help="decode every chunk and compare each episode with its recorded digest")
-    p.add_argument("--task", default=None, help="also report actions outside this task's action space")
+    bounds_from = p.add_mutually_exclusive_group()
+    bounds_from.add_argument("--task", default=None, help="also report actions outside this task's action space")
+    bounds_from.add_argument("--recorded-env", action="store_true",
+                             help="also report actions outside the action space of the env the store records")
     sub.add_parser("pop", help="delete the last episode").add_argument("store")
     p = sub.add_parser("copy", help="copy episodes to a new zarr-v3 store")
     p.add_argument("src")
@@ -162,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.task is not None:
                 low, high, action_key = task_action_bounds(args.task)
                 bounds = (low, high)
+            elif args.recorded_env:
+                bounds = recorded_action_bounds(args.store)
             report = scan_store(args.store, full=args.full, checksums=args.checksums,
                                 action_bounds=bounds, action_key=action_key)
             for line in report.notes:

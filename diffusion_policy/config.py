@@ -264,6 +264,7 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalConfig)
     cs.store(name="serve_schema", node=ServeConfig)
+    cs.store(name="deploy_schema", node=DeployConfig)
 
 
 # ------------------------------------------------------------------------------- composition
@@ -427,3 +428,90 @@ class ServeConfig:
     warmup: bool = True
     """Run one chunk before accepting connections, so compilation and CUDA graph capture are not
     paid by the first robot request."""
+
+# ---------------------------------------------------------------------------------- dp-deploy
+@dataclass
+class DeployConfig:
+    """``dp-deploy``: a policy in the real-time loop on a robot (diffusion_policy/control/realtime.py)."""
+
+    checkpoint: str = ""
+    """A run, checkpoint or policy directory (``policy=local``); unused with ``policy=remote``."""
+    policy: str = "local"
+    """``local`` (run the checkpoint in this process) or ``remote`` (a ``dp-serve`` at ``url``)."""
+    url: str = "ws://127.0.0.1:8765"
+    """``policy=remote``: the server."""
+    token: str = ""
+    """``policy=remote``: the server's shared token ('' = the environment variable ``DP_SERVE_TOKEN``,
+    or none)."""
+    timeout_s: float = 2.0
+    """``policy=remote``: deadline of each request (the watchdog's ``chunk_deadline_s`` still holds)."""
+    robot: str = "sim"
+    """``sim``: the task's simulated robot (control/sim_robot.py). A real robot is an adapter of the
+    ``Robot`` protocol (control/robot.py) passed to :func:`diffusion_policy.deploy.deploy`."""
+    task: Optional[Any] = None
+    """The task config (``task=<name>``); default: the checkpoint's own task."""
+    frequency: float = 0.0
+    """Control rate of the loop in Hz (0 = the task's ``fps``)."""
+    episodes: int = 1
+    """Episodes to run (the simulated robot resets between them)."""
+    seed: int = 0
+    """Offset into the evaluation seed range: episode ``i`` uses env seed ``EVAL_SEED_BASE + seed + i``
+    and a sampler generator seeded with it, as ``dp-eval`` does."""
+    max_steps: Optional[int] = None
+    """Control steps per episode (default: the task's ``max_episode_steps``)."""
+    clock: str = "wall"
+    """``wall`` (real time; the robot and inference in threads) or ``sim`` (virtual time: exact,
+    reproducible, as fast as the computer; latencies are injected)."""
+    mode: str = "async"
+    """``async`` (inference while the robot moves) or ``sync`` (predict, then execute: the naive loop)."""
+    transition: str = "none"
+    """How a new chunk takes over: ``none``, ``ensemble``, ``blend``, ``replace`` (committed actions
+    inpainted by replacement) or ``rtc`` (real-time chunking: guided inpainting with a soft mask)."""
+    ensemble_k: float = 0.01
+    """``transition=ensemble``: ACT's weight ``exp(-k i)``, ``i = 0`` the oldest prediction."""
+    replan_every: Optional[int] = None
+    """Observation steps between inference requests (default: the policy's ``Ta``)."""
+    action_margin_s: float = 0.01
+    """Actions due sooner than this when their chunk arrives are dropped (Chi et al.: 10 ms)."""
+    num_inference_steps: Optional[int] = None
+    """Sampler steps (default: the checkpoint's)."""
+    inference: str = "auto"
+    """``eager`` (Policy.predict), ``compile`` (FastPredictor(compile=True), CPU or CUDA), ``fast``
+    (CUDA: FastPredictor bf16 + fused + CUDA graph) or ``auto`` (``fast`` on CUDA, ``compile`` on CPU)."""
+    device: str = "auto"
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto``."""
+    max_guidance: float = 5.0
+    """``transition=rtc``: the guidance weight's clip (beta of Black et al. 2025, eq. 2)."""
+    sim_rate_hz: float = 100.0
+    """Simulated robot: rate of its servo ticks (a whole multiple of the control rate)."""
+    obs_latency_ms: Any = 0.0
+    """Simulated robot: observation latency, one number or ``{key: ms}`` per observation key (camera)."""
+    obs_jitter_ms: float = 0.0
+    """Simulated robot: extra observation delay, uniform in [0, this]."""
+    act_latency_ms: float = 0.0
+    """Simulated robot: delay from a command to the robot's controller."""
+    act_jitter_ms: float = 0.0
+    """Simulated robot: extra actuation delay, uniform in [0, this]."""
+    inference_latency_ms: Optional[float] = None
+    """Injected inference latency: with ``clock=sim`` the virtual time a chunk takes (None = the
+    measured time); with ``clock=wall`` added to the measured time (None = nothing added)."""
+    inference_jitter_ms: float = 0.0
+    """Extra injected inference latency, uniform in [0, this]."""
+    max_delta: Optional[Any] = None
+    """Safety: largest change of an action per control step, one number or one per dimension
+    (None = no rate limit)."""
+    workspace_low: Optional[list] = None
+    """Safety: lower corner of the workspace box on the first dimensions of the action (None = none)."""
+    workspace_high: Optional[list] = None
+    """Safety: upper corner of the workspace box."""
+    obs_deadline_s: float = 0.5
+    """Safety: hold when the newest observation is older than this."""
+    chunk_deadline_s: float = 1.0
+    """Safety: hold when a requested chunk has not arrived within this."""
+    max_faults: int = 10
+    """Safety: stop after this many faulty control ticks in a row."""
+    out: str = ""
+    """Output folder: ``episodes.zarr`` (the log), ``episodes.jsonl``, ``events.jsonl``, ``summary.json``
+    ('' = rollouts/deploy/<task>/<checkpoint name>)."""
+    status_every_s: float = 1.0
+    """Seconds of clock time between status lines (0 = only the summary)."""

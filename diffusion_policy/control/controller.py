@@ -150,26 +150,106 @@ class RecedingHorizonController:
                            f"(got {sorted(obs)})")
         ids = np.flatnonzero(active)
         for i in ids:
-            st = self._envs[i]
-            # a copy: a caller that reuses its observation buffer must not rewrite the history
-            frame = {k: np.array(obs[k][i], copy=True) for k in self.obs_keys}
-            if not st.history:  # episode start: repeat the first observation To times
-                st.history.extend([frame] * self.n_obs_steps)
-            else:
-                st.history.append(frame)
+            # copied: a caller that reuses its observation buffer must not rewrite the history
+            self.observe(i, {k: obs[k][i] for k in self.obs_keys})
         replan = [i for i in ids if self._needs_plan(self._envs[i])]
         if replan:
             self._plan(replan)
         actions = None
         for i in ids:
-            a = self._action(self._envs[i])
+            st = self._envs[i]
+            self.prune(i, st.step)
+            a = self.action_at(i, st.step)
             if actions is None:
                 actions = np.full((self.n_envs, a.shape[-1]), np.nan, dtype=np.float32)
             actions[i] = a
-            self._envs[i].step += 1
+            st.step += 1
         if actions is None:
             raise ValueError("act: no active environment")
         return actions
+
+    # ------------------------------------------------------------------------------ pieces
+    # The synchronous act() above and the asynchronous deploy loop (control/realtime.py) are both
+    # built from these: a history per environment, chunks stored with the step they start at, and
+    # the action the stored chunks give for a step. In the deploy loop a "step" is a tick of the
+    # control-rate grid (time t0 + step * dt) and a chunk starts at the step of its observation.
+    def observe(self, i: int, frame: dict) -> None:
+        """Append one observation ``{key: array}`` (copied) to environment ``i``'s history; the
+        first of an episode is repeated ``To`` times, like the window padding of training."""
+        st = self._envs[int(i)]
+        frame = {k: np.array(frame[k], copy=True) for k in self.obs_keys}
+        if not st.history:
+            st.history.extend([frame] * self.n_obs_steps)
+        else:
+            st.history.append(frame)
+
+    def history_batch(self, ids) -> dict:
+        """The ``To``-step windows of environments ``ids`` as ``{key: array (B, To, ...)}``, raw
+        units, copies (safe to hand to another thread while the history moves on)."""
+        return {k: np.stack([np.stack([f[k] for f in self._envs[int(i)].history]) for i in ids])
+                for k in self.obs_keys}
+
+    def add_chunk(self, i: int, chunk: np.ndarray, start: int) -> None:
+        """Store a predicted chunk ``(H, Da)`` of environment ``i`` whose index ``To-1`` acts at
+        step ``start`` (the step of the observation it was predicted from)."""
+        chunk = np.asarray(chunk)
+        if chunk.ndim != 2 or chunk.shape[0] != self.horizon:
+            raise ValueError(f"add_chunk: chunk has shape {chunk.shape}, expected (H={self.horizon}, Da)")
+        self._add_chunk(self._envs[int(i)], chunk[self.n_obs_steps - 1:], int(start))
+
+    def prune(self, i: int, step: int) -> None:
+        """Forget chunks of environment ``i`` that no longer reach ``step`` (ensembling keeps
+        every chunk that still covers a future step)."""
+        st = self._envs[int(i)]
+        if self.smoothing == "ensemble":
+            st.chunks[:] = [(s, c) for s, c in st.chunks if step - s < len(c)]
+
+    def action_at(self, i: int, step: int) -> np.ndarray:
+        """The action ``(Da,)`` the stored chunks of environment ``i`` give for ``step``: the newest
+        chunk's, or with ``ensemble`` the weighted mean of every chunk covering it (oldest first).
+        Raises IndexError when no stored chunk covers ``step``."""
+        st = self._envs[int(i)]
+        if self.smoothing == "ensemble":
+            preds = [c[step - s] for s, c in st.chunks if 0 <= step - s < len(c)]
+            if not preds:
+                raise IndexError(f"action_at: no stored chunk covers step {step}")
+            w = ensemble_weights(len(preds), self.ensemble_k)
+            return (w[:, None] * np.stack(preds)).sum(0).astype(np.float32)
+        if not st.chunks or not 0 <= step - st.chunks[-1][0] < len(st.chunks[-1][1]):
+            raise IndexError(f"action_at: no stored chunk covers step {step}")
+        start, chunk = st.chunks[-1]
+        return chunk[step - start].astype(np.float32)
+
+    def plan_span(self, i: int) -> tuple[int, int] | None:
+        """``(first, last)`` step covered by the newest chunk of environment ``i`` (None if none)."""
+        st = self._envs[int(i)]
+        if not st.chunks:
+            return None
+        start, chunk = st.chunks[-1]
+        return start, start + len(chunk) - 1
+
+    def predict_batch(self, batch: dict, generator=None, **kwargs) -> np.ndarray:
+        """``policy.predict`` on windows ``{key: array (B, To, ...)}`` (from :meth:`history_batch`)
+        -> chunks ``(B, H, Da)`` numpy, timed into :attr:`latencies_ms`. ``kwargs`` go to
+        ``predict`` (``prefix``...). Safe to call from a worker thread."""
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in batch.items()}
+        B = len(next(iter(batch.values())))
+        return self._call_policy(self.policy.predict, tensors, B, generator, kwargs)
+
+    def _call_policy(self, fn, tensors: dict, B: int, generator, kwargs: dict,
+                     inference_mode: bool = True) -> np.ndarray:
+        """``fn(tensors, num_steps, generator, **kwargs)`` timed and checked. ``inference_mode=False``
+        for samplers that differentiate through the network (guided inpainting)."""
+        t0 = time.perf_counter()
+        with torch.inference_mode() if inference_mode else torch.no_grad():
+            out = fn(tensors, num_steps=self.num_inference_steps, generator=generator, **kwargs)
+            out = out.detach().float().cpu().numpy() if torch.is_tensor(out) else np.asarray(out)
+        self.latencies_ms.append((time.perf_counter() - t0) * 1e3)
+        self.batch_sizes.append(B)
+        if out.ndim != 3 or out.shape[:2] != (B, self.horizon):
+            raise ValueError(f"policy.predict returned shape {out.shape}, expected "
+                             f"({B}, H={self.horizon}, Da)")
+        return out
 
     def _needs_plan(self, st: _EnvState) -> bool:
         return not st.chunks or st.step - st.chunks[-1][0] >= self.n_action_steps
@@ -204,48 +284,23 @@ class RecedingHorizonController:
             self._store(rows, self._predict(rows, gen))
 
     def _store(self, rows: list, chunks: np.ndarray) -> None:
-        for row, i in enumerate(rows):  # chunks (B, H, Da); executed part starts at To-1
-            self._add_chunk(self._envs[i], chunks[row, self.n_obs_steps - 1:])
+        for row, i in enumerate(rows):  # chunks (B, H, Da); the executed part starts at To-1
+            self.add_chunk(i, chunks[row], self._envs[i].step)
 
     def _predict(self, rows: list, generator) -> np.ndarray:
-        batch = {}
-        for k in self.obs_keys:
-            # (B, To, ...) in raw units; images stay uint8 for the policy's normalizer
-            arr = np.stack([np.stack([f[k] for f in self._envs[i].history]) for i in rows])
-            batch[k] = torch.from_numpy(arr).to(self.device)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = self.policy.predict(batch, num_steps=self.num_inference_steps,
-                                      generator=generator)
-            out = out.detach().float().cpu().numpy() if torch.is_tensor(out) else np.asarray(out)
-        self.latencies_ms.append((time.perf_counter() - t0) * 1e3)
-        self.batch_sizes.append(len(rows))
-        if out.ndim != 3 or out.shape[:2] != (len(rows), self.horizon):
-            raise ValueError(f"policy.predict returned shape {out.shape}, expected "
-                             f"({len(rows)}, H={self.horizon}, Da)")
-        return out
+        # (B, To, ...) in raw units; images stay uint8 for the policy's normalizer
+        return self.predict_batch(self.history_batch(rows), generator)
 
-    def _add_chunk(self, st: _EnvState, exec_part: np.ndarray) -> None:
-        """Store the executable part (chunk[To-1:], acting from the current step on)."""
+    def _add_chunk(self, st: _EnvState, exec_part: np.ndarray, start: int) -> None:
+        """Store the executable part (chunk[To-1:], acting from step ``start`` on)."""
         exec_part = exec_part.astype(np.float64)
         if self.smoothing == "blend" and st.chunks:
-            start, prev = st.chunks[-1]
-            old = prev[st.step - start:]  # previous plan's predictions for steps >= now
+            prev_start, prev = st.chunks[-1]
+            old = prev[max(0, start - prev_start):]  # previous plan's predictions for steps >= start
             exec_part = blend_chunks(old[:len(exec_part)], exec_part)
         if self.smoothing != "ensemble":
             st.chunks.clear()  # only the newest plan is executed
-        st.chunks.append((st.step, exec_part))
-
-    def _action(self, st: _EnvState) -> np.ndarray:
-        t = st.step
-        if self.smoothing == "ensemble":
-            # drop chunks that no longer reach the current step, then average the rest (oldest first)
-            st.chunks[:] = [(s, c) for s, c in st.chunks if t - s < len(c)]
-            preds = np.stack([c[t - s] for s, c in st.chunks])
-            w = ensemble_weights(len(preds), self.ensemble_k)
-            return (w[:, None] * preds).sum(0).astype(np.float32)
-        start, chunk = st.chunks[-1]
-        return chunk[t - start].astype(np.float32)
+        st.chunks.append((start, exec_part))
 
     # ------------------------------------------------------------------------------ metrics
     def latency_stats(self) -> dict:

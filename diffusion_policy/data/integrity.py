@@ -346,8 +346,9 @@ def _read_values(rep: StoreReport, store: EpisodeStore, key: str, rows, check_fi
                     damaged += _find_damaged(rep.path, key, arr, s, e, ends, known)
                 elif c not in known:
                     why = one_line(exc.__cause__ or exc)
-                    damaged.append(f"{rep.path}: data/{key} chunk {arr.metadata.encode_chunk_key((c,) + (0,) * (arr.ndim - 1))} "
-                                   f"({_location(ends, c * c0, min((c + 1) * c0, store.n_steps))}) cannot be decoded ({why})")
+                    ckey = arr.metadata.encode_chunk_key((c,) + (0,) * (arr.ndim - 1))
+                    where = _location(ends, c * c0, min((c + 1) * c0, store.n_steps))
+                    damaged.append(f"{rep.path}: data/{key} chunk {ckey} ({where}) cannot be decoded ({why})")
                 for ep in np.unique(np.searchsorted(ends, np.arange(s, e), side="right")):
                     hashers[int(ep)] = None  # cannot be verified: its chunk is reported instead
                 s = e

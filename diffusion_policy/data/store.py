@@ -7,6 +7,8 @@ here too)::
       data/<key>         every episode concatenated along axis 0, e.g. action (N, Da) float32,
                          image (N, H, W, 3) uint8
       meta/episode_ends  cumulative end of each episode, int64, strictly increasing
+      meta/episode_digests  (episodes, keys) uint64 digest of each key's values per episode
+                         (optional; the key order is in its attributes)
 
 New stores are written in zarr format 3. Stores in zarr format 2, as directories or ``.zarr.zip``
 files, open read-only (``dp-data copy`` converts them).
@@ -562,7 +564,8 @@ class EpisodeStore:
         The source's chunks under those episodes are checked first (missing, empty, truncated:
         :func:`~diffusion_policy.data.integrity.check_store`), every value read is checked against
         the source's digests where it has them, and the copy is written to a temporary sibling
-        renamed to ``path`` at the end: a failure leaves no store at ``path``.
+        renamed to ``path`` at the end: a failure leaves no store at ``path`` (a copy killed outright
+        leaves only that hidden ``.NAME.PID.copying`` sibling, never a partial store at ``path``).
         """
         from diffusion_policy.data.integrity import check_store
 

@@ -90,6 +90,13 @@ def corrupt(kind, path):
     if kind == "short_key":
         root["data/action"].resize((12, 2))
         return "data/action has 12 steps, expected at least 15"
+    if kind == "ends_garbage":
+        (path / "meta" / "episode_ends" / "c" / "0").write_bytes(b"\x02\x01" + bytes(range(40)))
+        return "cannot read meta/episode_ends ("
+    if kind == "bad_root_json":
+        (path / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", \n')
+        return ("the root group's metadata is not valid JSON (Expecting property name enclosed in double "
+                "quotes: line 2 column 1 (char 42)), expected zarr.json (v3) or .zgroup (v2)")
     if kind == "nan":
         root["data/action"][7, 1] = np.nan
         return "data/action has NaN/inf in episode 1 (first at step 7), expected finite values"
@@ -97,7 +104,7 @@ def corrupt(kind, path):
 
 
 @pytest.mark.parametrize("kind", ["wrong_path", "not_a_store", "a_file", "no_ends", "decreasing",
-                                  "short_key", "nan"])
+                                  "short_key", "ends_garbage", "bad_root_json", "nan"])
 def test_bad_input_one_line_and_untouched(kind, tmp_path, capsys):
     path = tmp_path / "bad.zarr"
     expected = corrupt(kind, path)

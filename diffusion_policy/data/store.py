@@ -29,6 +29,7 @@ append records a 64-bit BLAKE2b digest of every key's episode bytes in ``meta/ep
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -213,10 +214,13 @@ def _open_group(path: Path, mode: str) -> tuple[zarr.Group, object]:
         backend = zarr.storage.LocalStore(path, read_only=(mode == "r"))
     try:
         group = zarr.open_group(backend, mode="r" if mode == "r" else "r+")
+    except json.JSONDecodeError as exc:  # a ValueError, but the metadata file is there
+        raise StoreError(f"{path}: the root group's metadata is not valid JSON ({one_line(exc)}), expected "
+                         f"zarr.json (v3) or .zgroup (v2)") from exc
     except (zarr.errors.NodeNotFoundError, FileNotFoundError, ValueError, KeyError) as exc:
         raise StoreError(f"{path}: not a Zarr store (no zarr.json or .zgroup at its root)") from exc
     except Exception as exc:  # corrupt metadata (bad JSON, unknown codec ...)
-        raise StoreError(f"{path}: cannot read the store's root group ({exc})") from exc
+        raise StoreError(f"{path}: cannot read the store's root group ({one_line(exc)})") from exc
     return group, backend
 
 

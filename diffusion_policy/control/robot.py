@@ -141,6 +141,8 @@ def interpolate(waypoints: list, last, t: float):
     if t <= points[0][0]:
         return np.asarray(points[0][1], dtype=np.float64)
     for (t0, a0), (t1, a1) in zip(points, points[1:]):
+        if abs(t - t1) <= 1e-9:  # at the waypoint (times computed two ways differ in the last bits)
+            return np.asarray(a1, dtype=np.float64)
         if t <= t1:
             w = (t - t0) / (t1 - t0)
             return (1.0 - w) * np.asarray(a0, np.float64) + w * np.asarray(a1, np.float64)

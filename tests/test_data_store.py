@@ -6,7 +6,8 @@ import pytest
 import zarr
 
 from diffusion_policy.data.cli import validate_store
-from diffusion_policy.data.store import EpisodeStore, LazyArray, StoreError
+from diffusion_policy.data.lazy import LazyArray
+from diffusion_policy.data.store import EpisodeStore, StoreError
 
 
 def episode(i: int, length: int, image_hw: int = 12) -> dict:

@@ -6,11 +6,11 @@ workers, ``dp-data``) does not pay for importing torch.
 import importlib
 
 _EXPORTS = {
-    "EpisodeStore": "store", "LazyArray": "store", "StoreError": "store", "validate_store": "cli",
+    "EpisodeStore": "store", "LazyArray": "lazy", "StoreError": "store", "validate_store": "cli",
     "check_store": "integrity", "scan_store": "integrity", "StoreReport": "integrity",
     "WindowSampler": "windows", "WindowDataset": "windows", "collate_windows": "windows",
     "make_datasets": "windows", "batch_to_torch": "windows", "make_loader": "windows", "split_episodes": "windows",
-    "Normalizer": "normalize",
+    "Normalizer": "normalize", "EpochBatches": "batches",
 }
 __all__ = list(_EXPORTS)
 

@@ -39,14 +39,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec
 
-from diffusion_policy.data.store import (
-    DIGESTS,
-    EpisodeStore,
-    StoreError,
-    _direct_chunk_reader,
-    one_line,
-    partial_files,
-)
+from diffusion_policy.data.lazy import direct_chunk_reader
+from diffusion_policy.data.store import DIGESTS, EpisodeStore, StoreError, one_line, partial_files
 
 BLOCK_BYTES = 64 << 20  # values decoded at a time when reading an array
 MAX_LINES = 10  # damaged chunks listed per array; the rest are counted in one more line
@@ -330,7 +324,7 @@ def _read_values(rep: StoreReport, store: EpisodeStore, key: str, rows, check_fi
     damaged = []
     # chunk files of this package's layout are decoded directly, one at a time (zarr costs about
     # 0.5 ms per chunk, and a failure then names its chunk); anything else in blocks through zarr
-    direct = _direct_chunk_reader(arr)
+    direct = direct_chunk_reader(arr)
     for lo, hi in rows:
         s = lo
         while s < hi:

@@ -21,8 +21,8 @@ around an obstacle, Avoid's geometry in normalized units), for flow (Euler) and 
 comes from the sampled ``prev`` (``shift`` is 0: no observation moves). ``avoid``: a trained
 policy on ``dp/Avoid-v0`` reset states (test seeds); with ``--shift s`` the first ``s`` actions of
 ``prev`` are executed in the env before ``new`` is computed from the new observation window.
-The mode of a chunk is the side of its last action relative to the agent's start (x), with the
-smallest such |offset| printed to show that the two modes are well apart.
+The mode of a chunk is the side of the obstacle (x) where its last action lies (the field: the
+nearer mode mean); the smallest such |offset| is printed to show that the two modes are apart.
 """
 from __future__ import annotations
 
@@ -132,13 +132,13 @@ def run_avoid(args) -> list[tuple]:
         obs, _ = env.reset(seed=EVAL_SEED_BASE + args.seed + i)
         envs.append(env)
         frames.append([obs["state"].copy()] * To)  # the first window repeats the first frame
-    start_x = torch.tensor(np.array([f[-1][0] for f in frames]))
+    obstacle_x = torch.tensor(np.array([f[-1][4] for f in frames]))  # state: agent, goal, obstacle (x, y)
 
     def window():
         return {"state": torch.tensor(np.array([f[-To:] for f in frames]), dtype=torch.float32)}
 
-    def mode(chunk):  # side of the last action relative to the start
-        return (chunk[:, -1, 0] - start_x > 0).long()
+    def mode(chunk):  # the side of the obstacle where the chunk's last action lies
+        return (chunk[:, -1, 0] - obstacle_x > 0).long()
 
     obs0 = window()
     prev = policy.predict(obs0, generator=torch.Generator().manual_seed(args.seed))
@@ -148,9 +148,9 @@ def run_avoid(args) -> list[tuple]:
             frames[i].append(o["state"].copy())
     obs = window()
     m_prev = mode(prev)
-    offsets = (prev[:, -1, 0] - start_x).abs()
-    print(f"avoid: prev chunks right of the start: {float(m_prev.float().mean()):.2f}; "
-          f"smallest |x_last - x_start| = {float(offsets.min()):.3f} m (median {float(offsets.median()):.3f})")
+    offsets = (prev[:, -1, 0] - obstacle_x).abs()
+    print(f"avoid: prev chunks ending right of the obstacle: {float(m_prev.float().mean()):.2f}; smallest "
+          f"|x_last - x_obstacle| = {float(offsets.min()):.3f} m (median {float(offsets.median()):.3f})")
 
     def sample(prefix=None, weights=None, seed=args.seed + 1):
         g = torch.Generator().manual_seed(seed)

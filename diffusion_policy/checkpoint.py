@@ -14,19 +14,23 @@
 A checkpoint is written under a temporary name, every file flushed to disk, then renamed into
 place; only then is ``latest`` replaced (write, fsync, rename). A process killed at any moment
 leaves ``latest`` naming a complete checkpoint. No pickle anywhere: loading needs no import paths.
+(DESIGN.md, "Checkpoints and their commit protocol".)
+
+What is saved is a :class:`TrainingState` (policy, EMA, optimizer, schedule, step, top-k), and it is
+restored as a whole from the :class:`SavedTraining` that :func:`load_training` reads.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffusion_policy.config import as_dict
 from diffusion_policy.policy import Policy
 
 
@@ -101,96 +105,139 @@ def _load_optimizer(optimizer, tensors: dict, meta: dict) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def save_training(run_dir, step, policy, ema, optimizer, scheduler, cfg, topk, score=None, k=3) -> list:
-    """Write checkpoint ``step_<step>``; update ``latest`` (and ``best``); keep the newest and the
-    top-k by ``score`` = (success rate, mean max reward). Returns the new top-k list."""
-    root = _dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{step:07d}"
-    topk = [e for e in topk if e["name"] != name]
-    if score is not None:
-        topk.append({"name": name, "step": step, "score": list(score)})
-        topk = sorted(topk, key=lambda e: (tuple(e["score"]), e["step"]), reverse=True)[:k]
+@dataclass
+class SavedTraining:
+    """The newest complete checkpoint of a run, as read by :func:`load_training`: the raw model
+    (a Policy) plus the states that :meth:`TrainingState.restore` puts back."""
 
-    tmp = root / f".tmp-{name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    (ema if ema is not None else policy).save(tmp / "policy")
-    save_file({k_: v.detach().contiguous().cpu() for k_, v in policy.state_dict().items()},
-              str(tmp / "model.safetensors"))
-    tensors, meta = _optimizer_tensors(optimizer)
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "optimizer.json").write_text(json.dumps(meta))
-    rng = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            rng[f"torch_cuda_{i}"] = s
-    save_file(rng, str(tmp / "rng.safetensors"))
-    np_state = np.random.get_state()
-    trainer = {
-        "step": step,
-        "scheduler": {k_: v for k_, v in scheduler.state_dict().items() if k_ != "lr_lambdas"},
-        "has_ema": ema is not None,
-        "topk": topk,
-        "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-        "config": as_dict(cfg),
-    }
-    (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1))
-    _fsync_tree(tmp)
+    path: Path
+    policy: Policy
+    trainer: dict  # trainer.json: step, scheduler, EMA flag, top-k, numpy RNG, config
+    ema: dict | None  # the EMA's state dict
+    optimizer: tuple  # (tensors, meta) as _optimizer_tensors made them
+    rng: dict
 
-    final = root / name
-    if final.exists():  # e.g. a resumed run saving the step it resumed from
-        trash = root / f".old-{name}-{os.getpid()}"
-        final.rename(trash)
-        shutil.rmtree(trash)
-    tmp.rename(final)
-    _write_pointer(root / "latest", name)
-    if topk:
-        _write_pointer(root / "best", topk[0]["name"])
+    @property
+    def step(self) -> int:
+        return int(self.trainer["step"])
 
-    keep = {name} | {e["name"] for e in topk}
-    for old in root.iterdir():
-        if old.is_dir() and (old.name not in keep):  # includes .tmp/.old leftovers of killed runs
-            shutil.rmtree(old, ignore_errors=True)
-    return topk
+    @property
+    def config(self) -> dict:
+        """The resolved TrainConfig of the run that wrote it, as a dict."""
+        return self.trainer["config"]
 
 
-def load_training(run_dir, device) -> dict:
-    """Everything needed to resume: the raw model (a Policy) plus the saved states."""
+@dataclass
+class TrainingState:
+    """Everything a run continues from: the training weights, their EMA, the optimizer, the
+    learning-rate schedule, the step and the top-k checkpoints by rollout score. Saved and
+    restored as a whole, so a resumed run takes the same steps as one never interrupted (with the
+    torch and numpy RNG states, which :meth:`save` writes too).
+
+        state = TrainingState(policy, ema, optimizer, scheduler)
+        state.restore(load_training(run_dir, device))   # resume
+        state.save(run_dir, as_dict(cfg), score=(success, reward), k=3)
+    """
+
+    policy: Policy
+    ema: Policy | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    step: int = 0
+    topk: list = field(default_factory=list)
+    """``[{"name", "step", "score": [success rate, mean max reward]}]``, best first."""
+
+    def save(self, run_dir, config: dict, score=None, k: int = 3) -> str:
+        """Write checkpoint ``step_<step>`` (module docstring: temporary folder, fsync, rename,
+        then ``latest`` and ``best``); keep the newest and the top ``k`` by ``score`` =
+        (success rate, mean max reward). Returns the checkpoint's name."""
+        root = _dir(run_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        step = self.step
+        name = f"step_{step:07d}"
+        topk = [e for e in self.topk if e["name"] != name]
+        if score is not None:
+            topk.append({"name": name, "step": step, "score": list(score)})
+            topk = sorted(topk, key=lambda e: (tuple(e["score"]), e["step"]), reverse=True)[:k]
+
+        tmp = root / f".tmp-{name}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        (self.ema if self.ema is not None else self.policy).save(tmp / "policy")
+        save_file({k_: v.detach().contiguous().cpu() for k_, v in self.policy.state_dict().items()},
+                  str(tmp / "model.safetensors"))
+        tensors, meta = _optimizer_tensors(self.optimizer)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "optimizer.json").write_text(json.dumps(meta))
+        rng = {"torch_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                rng[f"torch_cuda_{i}"] = s
+        save_file(rng, str(tmp / "rng.safetensors"))
+        np_state = np.random.get_state()
+        trainer = {
+            "step": step,
+            "scheduler": {k_: v for k_, v in self.scheduler.state_dict().items() if k_ != "lr_lambdas"},
+            "has_ema": self.ema is not None,
+            "topk": topk,
+            "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "config": config,
+        }
+        (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1))
+        _fsync_tree(tmp)
+
+        final = root / name
+        if final.exists():  # e.g. a resumed run saving the step it resumed from
+            trash = root / f".old-{name}-{os.getpid()}"
+            final.rename(trash)
+            shutil.rmtree(trash)
+        tmp.rename(final)
+        _write_pointer(root / "latest", name)
+        if topk:
+            _write_pointer(root / "best", topk[0]["name"])
+        self.topk = topk
+
+        keep = {name} | {e["name"] for e in topk}
+        for old in root.iterdir():
+            if old.is_dir() and (old.name not in keep):  # includes .tmp/.old leftovers of killed runs
+                shutil.rmtree(old, ignore_errors=True)
+        return name
+
+    def restore(self, saved: SavedTraining) -> None:
+        """Put back the optimizer, schedule, EMA, step, top-k and the torch and numpy RNG states
+        of ``saved`` (the training weights are ``saved.policy``, which this state trains)."""
+        trainer = saved.trainer
+        _load_optimizer(self.optimizer, *saved.optimizer)
+        sched = dict(trainer["scheduler"])
+        sched["lr_lambdas"] = [None] * len(self.optimizer.param_groups)
+        self.scheduler.load_state_dict(sched)
+        if self.ema is not None and saved.ema is not None:
+            self.ema.load_state_dict(saved.ema)
+        torch.set_rng_state(saved.rng["torch_cpu"])
+        cuda = [saved.rng[f"torch_cuda_{i}"] for i in range(torch.cuda.device_count())
+                if f"torch_cuda_{i}" in saved.rng]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+        s = trainer["numpy_rng"]
+        np.random.set_state((s[0], np.array(s[1], dtype=np.uint32), *s[2:]))
+        self.step, self.topk = saved.step, list(trainer["topk"])
+
+
+def load_training(run_dir, device) -> SavedTraining:
+    """The checkpoint that ``latest`` names, everything needed to resume."""
     path = _dir(run_dir) / read_latest(run_dir)
     policy = Policy.load(path / "policy", device=device)
     policy.load_state_dict(load_file(str(path / "model.safetensors"), device=str(device)))
     trainer = json.loads((path / "trainer.json").read_text())
-    return {
-        "model": policy,
-        "path": path,
-        "trainer": trainer,
-        "ema": load_file(str(path / "policy" / "model.safetensors"), device=str(device))
+    return SavedTraining(
+        path=path, policy=policy, trainer=trainer,
+        ema=load_file(str(path / "policy" / "model.safetensors"), device=str(device))
         if trainer["has_ema"] else None,
-        "optimizer": (load_file(str(path / "optimizer.safetensors"), device=str(device)),
-                      json.loads((path / "optimizer.json").read_text())),
-        "rng": load_file(str(path / "rng.safetensors")),
-    }
-
-
-def restore_training(state, optimizer, scheduler, ema) -> tuple[int, list]:
-    """Load optimizer, scheduler, EMA and RNG states; returns (step, topk)."""
-    trainer = state["trainer"]
-    _load_optimizer(optimizer, *state["optimizer"])
-    sched = dict(trainer["scheduler"])
-    sched["lr_lambdas"] = [None] * len(optimizer.param_groups)
-    scheduler.load_state_dict(sched)
-    if ema is not None and state["ema"] is not None:
-        ema.load_state_dict(state["ema"])
-    torch.set_rng_state(state["rng"]["torch_cpu"])
-    cuda = [state["rng"][f"torch_cuda_{i}"] for i in range(torch.cuda.device_count())
-            if f"torch_cuda_{i}" in state["rng"]]
-    if cuda:
-        torch.cuda.set_rng_state_all(cuda)
-    s = trainer["numpy_rng"]
-    np.random.set_state((s[0], np.array(s[1], dtype=np.uint32), *s[2:]))
-    return trainer["step"], trainer["topk"]
+        optimizer=(load_file(str(path / "optimizer.safetensors"), device=str(device)),
+                   json.loads((path / "optimizer.json").read_text())),
+        rng=load_file(str(path / "rng.safetensors")),
+    )
 
 
 class CheckpointError(RuntimeError):

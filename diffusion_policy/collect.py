@@ -237,6 +237,10 @@ def collect(cfg: CollectConfig) -> dict:
     added)."""
     from tqdm import tqdm
 
+    from diffusion_policy.validation import validate
+
+    validate(cfg)  # the task's To, H, Ta and image keys, each error naming its key
+
     from diffusion_policy.data.integrity import check_store
     from diffusion_policy.data.store import EpisodeStore
 

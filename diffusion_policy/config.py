@@ -60,12 +60,12 @@ class TaskConfig:
 def check_horizons(horizon: int, n_obs_steps: int, n_action_steps: int) -> None:
     """Raise if ``To``, ``H`` and ``Ta`` are inconsistent (executed actions start at index To-1)."""
     if n_obs_steps < 1:
-        raise ValueError(f"n_obs_steps (To) must be >= 1, got {n_obs_steps}")
+        raise ValueError(f"n_obs_steps={n_obs_steps} (To) must be >= 1")
     if n_action_steps < 1:
-        raise ValueError(f"n_action_steps (Ta) must be >= 1, got {n_action_steps}")
+        raise ValueError(f"n_action_steps={n_action_steps} (Ta) must be >= 1")
     if n_action_steps > horizon - n_obs_steps + 1:
         raise ValueError(
-            f"n_action_steps (Ta={n_action_steps}) must be <= horizon - n_obs_steps + 1 "
+            f"n_action_steps={n_action_steps} (Ta) must be <= horizon - n_obs_steps + 1 "
             f"(H={horizon}, To={n_obs_steps}: at most {horizon - n_obs_steps + 1}), because the first "
             f"executed action is chunk index To-1"
         )
@@ -97,18 +97,25 @@ class PolicyConfig:
     down_dims: list = field(default_factory=lambda: [256, 512, 1024])
     """UNet channels per level; the chunk is halved in time len(down_dims)-1 times."""
     kernel_size: int = 5
+    """UNet: temporal kernel of every convolution (odd; 5 in Chi et al.)."""
     n_groups: int = 8
-    """GroupNorm groups."""
+    """GroupNorm groups (UNet); every level's channels must be divisible by it."""
     time_embed_dim: int = 256
     """Sinusoidal time embedding size (UNet and transformer)."""
     # transformer
     n_layer: int = 8
+    """Transformer: decoder layers."""
     n_head: int = 4
+    """Transformer: attention heads; ``n_emb`` must be divisible by it."""
     n_emb: int = 256
+    """Transformer: token width."""
     p_drop: float = 0.0
+    """Transformer: dropout probability in attention and MLP blocks."""
     # mlp
     hidden_dims: list = field(default_factory=lambda: [512, 512, 512])
+    """MLP: widths of the hidden layers."""
     obs_encoder: ObsEncoderConfig = field(default_factory=ObsEncoderConfig)
+    """How observations become the condition (images: backbone and crop)."""
 
 
 # --------------------------------------------------------------------------------------- method
@@ -118,15 +125,19 @@ class MethodConfig:
     ``flow`` (flow matching) or ``regression`` (MSE, the behaviour-cloning baseline)."""
 
     name: str = MISSING
+    """``diffusion``, ``flow`` or ``regression``."""
     # diffusion
     scheduler: str = "ddpm"
     """Diffusion sampler: ``ddpm``, ``ddim`` or ``dpmsolver`` (DPM-Solver++)."""
     num_train_timesteps: int = 100
+    """Diffusion: steps of the forward (noising) process ``T``."""
     beta_schedule: str = "squaredcos_cap_v2"
     """``linear``, ``scaled_linear`` or ``squaredcos_cap_v2``."""
     prediction_type: str = "epsilon"
     """``epsilon``, ``sample`` or ``v_prediction``."""
     clip_sample: bool = True
+    """Diffusion: clip the predicted clean chunk to [-1, 1] at every step (normalized units);
+    ``dpmsolver`` cannot clip."""
     # flow matching
     time_dist: str = "beta"
     """Training time distribution: ``uniform``, ``logit_normal`` or ``beta`` (pi0: Beta(1.5, 1))."""
@@ -140,7 +151,10 @@ class MethodConfig:
 # ----------------------------------------------------------------------------------------- jobs
 @dataclass
 class CollectConfig:
+    """``dp-collect``: record a task's scripted expert into a Zarr episode store."""
+
     task: TaskConfig = MISSING
+    """The task whose expert is recorded (``task=<name>``)."""
     episodes: int = 100
     """Successful episodes wanted in the store; re-running appends until there are this many."""
     out: str = MISSING
@@ -163,9 +177,14 @@ class CollectConfig:
 
 @dataclass
 class TrainConfig:
+    """``dp-train``: train a policy from a store of demonstrations."""
+
     task: TaskConfig = MISSING
+    """The task: observation keys, chunking (``task=<name>``)."""
     policy: PolicyConfig = MISSING
+    """The denoising network (``policy=<name>``)."""
     method: MethodConfig = MISSING
+    """The generative method (``method=<name>``)."""
     data: str = MISSING
     """Path of the Zarr store of demonstrations."""
     run_dir: str = ""
@@ -175,33 +194,51 @@ class TrainConfig:
     device: str = "auto"
     """``cpu``, ``cuda``, ``cuda:N`` or ``auto``."""
     seed: int = 0
+    """Seeds the initial weights, the episode split, the batch order and the training noise."""
     batch_size: int = 256
     """Global batch size (split across ranks under torchrun)."""
     steps: int = 100_000
     """Optimizer steps."""
     lr: float = 1e-4
+    """AdamW peak learning rate (after warm-up)."""
     betas: list = field(default_factory=lambda: [0.95, 0.999])
+    """AdamW betas (Chi et al.: 0.95, 0.999)."""
     weight_decay: float = 1e-6
+    """AdamW weight decay."""
     warmup_steps: int = 500
+    """Linear learning-rate warm-up, then cosine decay to zero at ``steps``."""
     grad_clip: float = 1.0
+    """Gradient norm clip."""
     ema: bool = True
+    """Keep an exponential moving average of the weights; checkpoints and rollouts use it."""
     ema_power: float = 0.75
+    """EMA warm-up: decay = 1 - (1 + step) ** -ema_power."""
     ema_max_decay: float = 0.9999
+    """EMA decay cap."""
     bf16: bool = True
     """bf16 autocast on CUDA (ignored on CPU)."""
     compile: bool = False
+    """``torch.compile`` the training loss (the first steps compile)."""
     data_on_device: bool = True
     """Low-dimensional data: keep the whole dataset on the device."""
     val_ratio: float = 0.05
+    """Fraction of episodes held out for the validation loss (at least one if > 0)."""
     max_train_episodes: Optional[int] = None
+    """Train on a random subset of this many training episodes (None = all; data scaling)."""
     log_every: int = 100
+    """Steps between training-loss log lines."""
     val_every: int = 1000
+    """Steps between validation losses."""
     eval_every: int = 0
     """Rollout evaluation every this many steps (0 = never)."""
     eval_episodes: int = 20
+    """Episodes of each rollout evaluation, on the selection seeds."""
     checkpoint_every: int = 1000
+    """Steps between checkpoints (and one at the end, and one after each rollout evaluation)."""
     topk: int = 3
+    """Checkpoints kept by rollout score, besides the newest."""
     wandb: bool = False
+    """Also log to Weights & Biases (needs the wandb package)."""
     ddp_comm: str = "fp32"
     """Under torchrun only: dtype of the gradient all-reduce. ``fp32`` (DDP's default) or ``bf16``
     (CUDA only; DDP's bf16_compress_hook: gradients are cast to bf16, summed and cast back, half
@@ -216,12 +253,15 @@ DDP_COMMS = ("fp32", "bf16")
 
 @dataclass
 class EvalConfig:
+    """``dp-eval``: roll a checkpoint (or a task's scripted expert) out in simulation."""
+
     checkpoint: str = MISSING
     """A checkpoint directory (or a run directory: its ``latest``), or ``expert`` for the scripted
     expert of ``task``."""
     task: Optional[Any] = None
     """Only for ``checkpoint=expert``: the task config."""
     episodes: int = 50
+    """Episodes to run."""
     seed: int = 0
     """Offset into the evaluation seed range."""
     out: str = ""
@@ -231,6 +271,7 @@ class EvalConfig:
     videos: int = 4
     """Videos of the first K episodes."""
     device: str = "auto"
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto``."""
     num_inference_steps: Optional[int] = None
     """Override the sampler's steps."""
     max_episode_steps: Optional[int] = None
@@ -276,8 +317,12 @@ class ConfigError(ValueError):
 
 def compose(config_name: str, overrides: Sequence[str] = ()) -> Any:
     """Compose ``configs/<config_name>.yaml`` with command-line style overrides (``key=value``)
-    and return the typed dataclass (TrainConfig, EvalConfig, ...). Raises ConfigError."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    and return the typed dataclass (TrainConfig, EvalConfig, ...). Raises ConfigError for an
+    unknown key or a wrong type; the rules between values (``Ta <= H - To + 1``, a UNet's
+    horizon, a sampler's steps) are checked by :func:`diffusion_policy.validation.validate`,
+    which every job runs first."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
@@ -289,64 +334,7 @@ def compose(config_name: str, overrides: Sequence[str] = ()) -> Any:
         obj = OmegaConf.to_object(cfg)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(" ".join(str(e).split())) from None
-    validate(obj)
     return obj
-
-
-def _choices() -> dict:
-    """Allowed values of enumerated fields, as the nets and methods define them: hydra checks keys
-    and types, these are checked here so a typo names the key and what it may be."""
-    from diffusion_policy.methods import METHOD_NAMES
-    from diffusion_policy.methods.diffusion import BETA_SCHEDULES, PREDICTION_TYPES, SCHEDULERS
-    from diffusion_policy.methods.flow import INTEGRATORS, TIME_DISTS
-    from diffusion_policy.nets import NET_NAMES
-
-    return {"policy.name": NET_NAMES, "method.name": METHOD_NAMES, "method.scheduler": SCHEDULERS,
-            "method.beta_schedule": BETA_SCHEDULES, "method.prediction_type": PREDICTION_TYPES,
-            "method.time_dist": TIME_DISTS, "method.integrator": INTEGRATORS}
-
-
-def validate(cfg: Any) -> None:
-    """Check enumerated fields and the horizons of a composed job config."""
-    for dotted, allowed in _choices().items():
-        group, key = dotted.split(".")
-        node = getattr(cfg, group, None)
-        if node is None or not hasattr(node, key):
-            continue
-        value = getattr(node, key)
-        if value not in allowed:
-            raise ConfigError(f"{dotted}={value!r} is not allowed; expected one of {', '.join(allowed)}")
-    method = getattr(cfg, "method", None)
-    if isinstance(method, MethodConfig) and method.name == "diffusion":
-        if method.num_inference_steps > method.num_train_timesteps:
-            raise ConfigError(f"method.num_inference_steps={method.num_inference_steps} exceeds "
-                              f"method.num_train_timesteps={method.num_train_timesteps}; a schedule "
-                              f"cannot be sampled with more steps than it was trained with")
-        if method.scheduler == "dpmsolver" and method.clip_sample:
-            raise ConfigError("method.clip_sample=true is not supported by method.scheduler=dpmsolver "
-                              "(diffusers' DPM-Solver++ cannot clip); set method.clip_sample=false")
-    policy = getattr(cfg, "policy", None)
-    task = getattr(cfg, "task", None)
-    if isinstance(policy, PolicyConfig) and policy.name == "unet" and isinstance(task, TaskConfig):
-        factor = 2 ** (len(policy.down_dims) - 1)
-        if task.horizon % factor:
-            raise ConfigError(f"task.horizon={task.horizon} must be divisible by {factor}: the UNet "
-                              f"halves the chunk {len(policy.down_dims) - 1} times "
-                              f"(policy.down_dims={list(policy.down_dims)})")
-    if isinstance(cfg, TrainConfig):
-        if cfg.ddp_comm not in DDP_COMMS:
-            raise ConfigError(f"ddp_comm={cfg.ddp_comm!r} is not allowed; expected one of {', '.join(DDP_COMMS)}")
-        if cfg.ddp_bucket_mb < 1:
-            raise ConfigError(f"ddp_bucket_mb={cfg.ddp_bucket_mb} must be a positive number of MiB "
-                              f"(DDP's bucket_cap_mb; default 25)")
-    if isinstance(task, TaskConfig):
-        try:
-            check_horizons(task.horizon, task.n_obs_steps, task.n_action_steps)
-        except ValueError as e:
-            raise ConfigError(f"task {task.name}: {e}") from None
-        unknown = [k for k in task.image_keys if k not in task.obs_keys]
-        if unknown:
-            raise ConfigError(f"task.image_keys {unknown} must also be listed in task.obs_keys {task.obs_keys}")
 
 
 def as_dict(cfg: Any) -> dict:
@@ -428,6 +416,7 @@ class ServeConfig:
     warmup: bool = True
     """Run one chunk before accepting connections, so compilation and CUDA graph capture are not
     paid by the first robot request."""
+
 
 # ---------------------------------------------------------------------------------- dp-deploy
 @dataclass

@@ -27,24 +27,38 @@ from diffusion_policy.evaluate import EvalError
 
 @dataclass
 class DemoConfig:
+    """``dp-demo key=value ...``: the whole job on one task, on a CPU by default."""
+
     task: str = "avoid"
+    """Task config name (``configs/task/<task>.yaml``)."""
     episodes: int = 200
     """Demonstrations to collect."""
     policy: str = "unet_small"
+    """Network config of the diffusion policy (``configs/policy/``)."""
     method: str = "ddim"
+    """Method config of the diffusion policy (``configs/method/``)."""
     steps: int = 3000
-    """Optimizer steps for the diffusion policy (about 6 minutes on 2 CPU cores)."""
+    """Optimizer steps for the diffusion policy (benchmarks/demo.md: how long the whole job takes)."""
     batch_size: int = 64
+    """Batch size of both trainings."""
     lr: float = 3e-4
+    """Learning rate of both trainings."""
     baseline: bool = True
     """Also train and evaluate the MLP behaviour-cloning baseline."""
     baseline_steps: int = 3000
+    """Optimizer steps for the baseline."""
     eval_episodes: int = 50
+    """Test episodes per policy (the evaluation seed range)."""
     videos: int = 4
+    """Videos of the first K test episodes of each policy."""
     data_dir: str = "data"
+    """Where the store goes (``<data_dir>/<task>.zarr``)."""
     runs_dir: str = "runs"
+    """Where the training runs go."""
     rollouts_dir: str = "rollouts"
+    """Where the evaluations write their reports."""
     device: str = "cpu"
+    """``cpu``, ``cuda`` or ``auto`` for training and evaluation."""
 
 
 def _banner(text: str) -> None:

@@ -19,35 +19,35 @@ run in-process. Environments that replan at the same step share one ``predict`` 
 policy's sampler accepts a list of generators (one per row, as diffusers' ``randn_tensor`` does);
 otherwise each gets its own call, which keeps the per-episode noise exact (see the controller).
 ``episode_generators=false`` trades that for speed: one shared generator, always batched,
-reproducible for the same ``n_envs`` and ranks only (benchmarks/eval_rollouts.md: 12x on a GPU).
+reproducible for the same ``n_envs`` and ranks only (benchmarks/eval_rollouts.md measures the gain).
 Under ``torchrun`` rank ``r`` runs episodes ``r, r + W, ...``, writes ``parts/rank<r>.json`` (or
 gathers over torch.distributed when it is initialized) and rank 0 merges and writes the report.
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
-
 
 from diffusion_policy import report
 from diffusion_policy.checkpoint import CheckpointError, resolve_checkpoint
 from diffusion_policy.config import EVAL_SEED_BASE, SEED_RANGE, ConfigError, EvalConfig, TaskConfig, as_dict, typed
-from diffusion_policy.control.controller import SMOOTHING
-from diffusion_policy.distributed import rank_world, resolve_device
-from diffusion_policy.rollout import (  # noqa: F401  (run_episodes and rollout: public here too)
+from diffusion_policy.distributed import GatherError, gather, rank_world, resolve_device
+from diffusion_policy.rollout import (  # noqa: F401  (rollout pieces: public here too)
     EvalError,
     ExpertActor,
     PolicyActor,
-    default_n_envs,
     check_compatible,
+    default_n_envs,
     make_vector_env,
+    merge,
+    rank_episodes,
     rollout,
     run_episodes,
+    run_shard,
 )
-
-PART_WAIT_S = 3600.0  # how long rank 0 waits for the other ranks' part files
+from diffusion_policy.validation import check_method, validate
 
 
 def _checkpoint_label(policy_dir: Path) -> str:
@@ -59,7 +59,7 @@ def _checkpoint_label(policy_dir: Path) -> str:
 
 
 def _task_from(obj) -> TaskConfig:
-    """A TaskConfig from a dataclass, a DictConfig or a plain dict (a checkpoint's config.json)."""
+    """A TaskConfig from a dataclass, a DictConfig or a plain dict."""
     if isinstance(obj, TaskConfig):
         return obj
     try:
@@ -68,10 +68,29 @@ def _task_from(obj) -> TaskConfig:
         raise EvalError(f"task config: {e}") from None
 
 
+def _read_spec(policy_dir: Path, label: str, num_inference_steps: int | None):
+    """The checkpoint's spec (task, shapes, method) without its weights, with the sampler-steps
+    override checked against the method it was trained with."""
+    from diffusion_policy.policy import PolicySpec
+
+    try:
+        spec = PolicySpec.read(policy_dir)
+    except ValueError as e:
+        raise EvalError(f"checkpoint {label}: {e}") from None
+    if num_inference_steps is not None:
+        try:
+            check_method(replace(spec.method, num_inference_steps=num_inference_steps),
+                         key_names={"num_inference_steps": "num_inference_steps"})
+        except ConfigError as e:
+            raise EvalError(f"checkpoint {label}: {e}") from None
+    return spec
+
+
 # ------------------------------------------------------------------------------- the job
 def evaluate(cfg: EvalConfig) -> dict:
     """Run ``cfg.episodes`` episodes and write the report under ``cfg.out``. Returns the metrics
     on rank 0 and ``{}`` on the other ranks."""
+    validate(cfg)
     if cfg.episodes < 1:
         raise EvalError(f"episodes must be >= 1, got {cfg.episodes}")
     if not 0 <= cfg.seed <= SEED_RANGE - cfg.episodes:
@@ -81,99 +100,83 @@ def evaluate(cfg: EvalConfig) -> dict:
     t_start = time.time()
     given_task = _task_from(cfg.task) if cfg.task is not None else None
 
-    if cfg.checkpoint == "expert":
+    expert = cfg.checkpoint == "expert"
+    if expert:
         if given_task is None:
             raise EvalError("checkpoint=expert needs task=<name> (the task whose expert to run)")
-        task, label, ckpt = given_task, "expert", "expert"
+        task, label, ckpt, spec = given_task, "expert", "expert", None
         if not task.expert:
             raise EvalError(f"task {task.name} has no scripted expert (task.expert is empty)")
     else:
         policy_dir = resolve_checkpoint(cfg.checkpoint)
         label, ckpt = _checkpoint_label(policy_dir), str(policy_dir)
-        try:
-            saved = json.loads((policy_dir / "config.json").read_text())
-            task = _task_from(saved["task"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise EvalError(f"checkpoint {label}: {policy_dir / 'config.json'} has no readable "
-                            f"task config ({e})") from None
-        method = saved.get("method", {})
-        if (cfg.num_inference_steps is not None and method.get("name") == "diffusion"
-                and cfg.num_inference_steps > method.get("num_train_timesteps", cfg.num_inference_steps)):
-            raise EvalError(f"num_inference_steps={cfg.num_inference_steps} exceeds the "
-                            f"{method['num_train_timesteps']} steps checkpoint {label} was trained with")
+        spec = _read_spec(policy_dir, label, cfg.num_inference_steps)
+        task = spec.task
         if given_task is not None:
             if given_task.name != task.name:
                 raise EvalError(f"checkpoint {label} was trained for task {task.name!r}, not "
                                 f"task={given_task.name!r}")
             task = given_task  # same task, possibly other env settings (checked below)
     max_steps = cfg.max_episode_steps or task.max_episode_steps
-    smoothing = cfg.smoothing
-    if smoothing not in SMOOTHING:
-        raise EvalError(f"smoothing={smoothing!r} is not allowed; expected one of {', '.join(SMOOTHING)}")
 
     device = str(resolve_device(cfg.device, local_rank))
     if cfg.cuda_graph and not device.startswith("cuda"):
         raise EvalError(f"cuda_graph=true needs a CUDA device, the evaluation runs on {device}: "
                         f"set device=cuda, or drop cuda_graph (bf16 and compile work on a CPU)")
-    episodes = list(range(rank, cfg.episodes, world))  # this rank's share of the seeds
-    seeds = [EVAL_SEED_BASE + cfg.seed + i for i in episodes]
-    n_envs = 1 if cfg.checkpoint == "expert" else (cfg.n_envs or default_n_envs(len(episodes)))
-    n_envs = max(1, min(n_envs, len(episodes)))
+    seeds = [EVAL_SEED_BASE + cfg.seed + i for i in range(cfg.episodes)]
     out = Path(cfg.out or Path("rollouts") / task.name / label)
-    part = {"rank": rank, "records": [], "latencies_ms": []}
-    if episodes:
-        for ep in episodes:  # a reused output folder: drop what an earlier run left for these
-            (out / "frames" / f"episode_{ep:04d}.png").unlink(missing_ok=True)
-            (out / "videos" / f"episode_{ep:04d}.mp4").unlink(missing_ok=True)
-        vec = make_vector_env(task, n_envs, max_steps, render=True)
-        try:
-            if cfg.checkpoint == "expert":
-                actor = ExpertActor(task.expert, n_envs)
-            else:
-                # compare with the env before loading any weights: the checkpoint's own task
-                # says which keys and shapes its policy was trained on
-                check_compatible(label, task, saved["task"].get("obs_keys", []),
-                                 saved.get("shapes"), vec.single_observation_space)
-                policy = _load_policy(policy_dir, label, device)
-                if cfg.bf16 or cfg.compile or cfg.cuda_graph:
-                    from diffusion_policy.inference import FastPredictor
+    for ep in rank_episodes(cfg.episodes, rank, world):  # a reused output folder: drop what an
+        (out / "frames" / f"episode_{ep:04d}.png").unlink(missing_ok=True)  # earlier run left
+        (out / "videos" / f"episode_{ep:04d}.mp4").unlink(missing_ok=True)
 
-                    policy = FastPredictor(policy, dtype="bf16" if cfg.bf16 else "fp32", compile=cfg.compile,
-                                           cuda_graph=cfg.cuda_graph, pad_to=n_envs)
-                actor = PolicyActor(policy, n_envs, device, cfg.num_inference_steps, smoothing,
-                                    cfg.ensemble_k,
-                                    None if cfg.episode_generators else seeds[0])
-            records, frames, finals = rollout(actor, vec, episodes, seeds, videos=cfg.videos,
-                                              progress=rank == 0 and sys.stderr.isatty())
-        finally:
-            vec.close()
-        out.mkdir(parents=True, exist_ok=True)
-        for ep, fr in sorted(frames.items()):
-            try:
-                report.write_video(out / "videos" / f"episode_{ep:04d}.mp4", fr, fps=task.fps)
-            except Exception as e:  # the episodes are done: keep their results, say what is missing
-                print(f"dp-eval: warning: no videos ({type(e).__name__}: {e})", file=sys.stderr)
-                break
-        for ep, img in finals.items():
-            report.write_png(out / "frames" / f"episode_{ep:04d}.png", img)
-        part = {"rank": rank, "records": records, "latencies_ms": actor.latencies()}
+    def make_actor(vec, n_envs):
+        if expert:
+            return ExpertActor(task.expert, n_envs)
+        # compare with the env before loading any weights: the checkpoint's own task says which
+        # keys and shapes its policy was trained on
+        check_compatible(label, task, spec.task.obs_keys, spec.shapes, vec.single_observation_space)
+        policy = _load_policy(policy_dir, label, device)
+        if cfg.bf16 or cfg.compile or cfg.cuda_graph:
+            from diffusion_policy.inference import FastPredictor
 
-    parts = _gather(out, rank, world, part, t_start)
-    meta = {"task": task.name, "env_id": task.env_id, "checkpoint": ckpt, "label": label,
-            "seed": cfg.seed, "seed_base": EVAL_SEED_BASE, "world_size": world, "n_envs": n_envs,
-            "device": device, "max_episode_steps": max_steps,
-            "num_inference_steps": cfg.num_inference_steps,
-            "smoothing": smoothing, "episode_generators": cfg.episode_generators,
-            "bf16": cfg.bf16, "compile": cfg.compile, "cuda_graph": cfg.cuda_graph,
-            "expert": cfg.checkpoint == "expert", "videos": cfg.videos}
+            policy = FastPredictor(policy, dtype="bf16" if cfg.bf16 else "fp32", compile=cfg.compile,
+                                   cuda_graph=cfg.cuda_graph, pad_to=n_envs)
+        return PolicyActor(policy, n_envs, device, cfg.num_inference_steps, cfg.smoothing, cfg.ensemble_k,
+                           None if cfg.episode_generators else seeds[0])
+
+    shard = run_shard(task, seeds, make_actor, rank, world, n_envs=1 if expert else cfg.n_envs,
+                      max_episode_steps=max_steps, render=True, videos=cfg.videos, final_frames=True,
+                      progress=rank == 0 and sys.stderr.isatty())
+    if shard.episodes:
+        _write_pictures(out, shard, task.fps)
+    parts = gather(shard.part(), rank, world, part_dir=out / "parts", since=t_start)
     if rank != 0:
         return {}
-    records = sorted((r for p in parts for r in p["records"]), key=lambda r: r["episode"])
-    latencies = [x for p in parts for x in p["latencies_ms"]]
+    meta = {"task": task.name, "env_id": task.env_id, "checkpoint": ckpt, "label": label,
+            "seed": cfg.seed, "seed_base": EVAL_SEED_BASE, "world_size": world, "n_envs": shard.n_envs,
+            "device": device, "max_episode_steps": max_steps,
+            "num_inference_steps": cfg.num_inference_steps,
+            "smoothing": cfg.smoothing, "episode_generators": cfg.episode_generators,
+            "bf16": cfg.bf16, "compile": cfg.compile, "cuda_graph": cfg.cuda_graph,
+            "expert": expert, "videos": cfg.videos}
+    records, latencies = merge(parts)
     metrics = report.compute_metrics(records, latencies, meta)
     metrics["wall_s"] = round(time.time() - t_start, 3)
     report.write_all(out, metrics, records)
     return metrics
+
+
+def _write_pictures(out: Path, shard, fps: float) -> None:
+    """This rank's videos and final frames."""
+    out.mkdir(parents=True, exist_ok=True)
+    for ep, fr in sorted(shard.frames.items()):
+        try:
+            report.write_video(out / "videos" / f"episode_{ep:04d}.mp4", fr, fps=fps)
+        except Exception as e:  # the episodes are done: keep their results, say what is missing
+            print(f"dp-eval: warning: no videos ({type(e).__name__}: {e})", file=sys.stderr)
+            break
+    for ep, img in shard.finals.items():
+        report.write_png(out / "frames" / f"episode_{ep:04d}.png", img)
 
 
 def _load_policy(policy_dir: Path, label: str, device: str):
@@ -191,41 +194,6 @@ def _load_policy(policy_dir: Path, label: str, device: str):
     return policy
 
 
-def _gather(out: Path, rank: int, world: int, part: dict, t_start: float) -> list | None:
-    """Collect every rank's part on rank 0: torch.distributed if initialized, else files."""
-    if world == 1:
-        return [part]
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        parts = [None] * world
-        dist.all_gather_object(parts, part)
-        return parts
-    pdir = out / "parts"
-    pdir.mkdir(parents=True, exist_ok=True)
-    tmp = pdir / f".rank{rank:03d}.json.tmp"
-    tmp.write_text(json.dumps(part))
-    tmp.replace(pdir / f"rank{rank:03d}.json")  # atomic: rank 0 never reads half a file
-    if rank != 0:
-        return None
-    paths = [pdir / f"rank{r:03d}.json" for r in range(world)]
-    deadline = time.time() + PART_WAIT_S
-    # parts older than this run (a crashed earlier one) are not taken
-    while not all(p.is_file() and p.stat().st_mtime >= t_start - 60 for p in paths):
-        if time.time() > deadline:
-            missing = [p.name for p in paths if not p.is_file()]
-            raise EvalError(f"rank 0 waited {PART_WAIT_S:.0f} s for parts {missing} in {pdir}")
-        time.sleep(0.5)
-    parts = [json.loads(p.read_text()) for p in paths]
-    for p in paths:
-        p.unlink()
-    try:
-        pdir.rmdir()
-    except OSError:  # something else is in there: leave it
-        pass
-    return parts
-
-
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: ``dp-eval key=value ...`` (hydra overrides on configs/eval.yaml)."""
     from diffusion_policy.config import run_cli
@@ -235,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         if metrics:
             print(report.summary_line(metrics), flush=True)
 
-    return run_cli("dp-eval", "eval", job, argv, __doc__, errors=(EvalError, CheckpointError))
+    return run_cli("dp-eval", "eval", job, argv, __doc__, errors=(EvalError, CheckpointError, GatherError))
 
 
 if __name__ == "__main__":

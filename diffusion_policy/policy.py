@@ -18,7 +18,7 @@ no training config tree and no import paths.
 from __future__ import annotations
 
 import json
-from dataclasses import is_dataclass
+from dataclasses import dataclass, is_dataclass
 from pathlib import Path
 
 import torch
@@ -32,6 +32,40 @@ from diffusion_policy.nets import ObsEncoder, build_net
 
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+@dataclass
+class PolicySpec:
+    """A saved policy's ``config.json``, the format :meth:`Policy.config_dict` writes: everything
+    needed to rebuild the policy except its weights. The one reader of that format (Policy.load,
+    dp-eval's checks before any weights are loaded, servers that describe the policy they serve)."""
+
+    task: TaskConfig
+    policy: PolicyConfig
+    method: MethodConfig
+    shapes: dict
+    """``{obs key: shape without the time axis}``, e.g. ``{"state": (6,)}``."""
+    action_dim: int
+    normalizer: dict
+    """The normalizer's statistics as :meth:`Normalizer.to_json` writes them."""
+
+    @classmethod
+    def read(cls, path) -> "PolicySpec":
+        """The spec of the policy folder ``path``; ValueError naming the file if it is not one."""
+        file = Path(path) / CONFIG
+        try:
+            cfg = json.loads(file.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{file}: not a readable policy config ({type(e).__name__}: {e})") from None
+        version = cfg.get("format_version") if isinstance(cfg, dict) else None
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{file}: format_version {version}, expected {FORMAT_VERSION}")
+        try:
+            return cls(typed(TaskConfig, cfg["task"]), typed(PolicyConfig, cfg["policy"]),
+                       typed(MethodConfig, cfg["method"]), {k: tuple(v) for k, v in cfg["shapes"].items()},
+                       int(cfg["action_dim"]), dict(cfg["normalizer"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"{file}: {type(e).__name__}: {' '.join(str(e).split())}") from None
 
 
 class Policy(nn.Module):
@@ -162,14 +196,8 @@ class Policy(nn.Module):
         path = Path(path)
         if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
             raise FileNotFoundError(f"{path}: expected {CONFIG} and {WEIGHTS} written by Policy.save")
-        cfg = json.loads((path / CONFIG).read_text())
-        version = cfg.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ValueError(f"{path / CONFIG}: format_version {version}, expected {FORMAT_VERSION}")
-        policy = cls(
-            typed(TaskConfig, cfg["task"]), typed(PolicyConfig, cfg["policy"]),
-            typed(MethodConfig, cfg["method"]), Normalizer.from_json(json.dumps(cfg["normalizer"])),
-            {k: tuple(v) for k, v in cfg["shapes"].items()}, cfg["action_dim"],
-        )
+        spec = PolicySpec.read(path)
+        policy = cls(spec.task, spec.policy, spec.method, Normalizer.from_json(json.dumps(spec.normalizer)),
+                     spec.shapes, spec.action_dim)
         policy.load_state_dict(load_file(str(path / WEIGHTS)))
         return policy.to(device).eval()

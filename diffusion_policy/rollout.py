@@ -1,7 +1,14 @@
 """Rollouts: a policy (behind the receding-horizon controller) or a scripted expert in a batch of
 environments, episode seeds taken from a queue so that every episode's result depends on its seed
-only. ``dp-eval`` (diffusion_policy/evaluate.py) writes reports from these; ``dp-train`` calls
-:func:`run_episodes` for checkpoint selection.
+only.
+
+    shard = run_shard(task, seeds, make_actor, rank, world, n_envs)   # this rank's episodes
+    records, latencies = merge(gather(shard.part(), rank, world))    # every rank's, in order
+
+:func:`run_shard` is the one runner: ``dp-eval`` (diffusion_policy/evaluate.py) writes reports
+from it, ``dp-train`` calls :func:`run_episodes` (the same runner, metrics only) for checkpoint
+selection, and anything else that rolls a policy out in simulation (a deploy benchmark) passes its
+own actor factory.
 """
 from __future__ import annotations
 
@@ -9,11 +16,13 @@ import functools
 import importlib
 import multiprocessing as mp
 import os
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from diffusion_policy import report
 from diffusion_policy.config import TaskConfig
+from diffusion_policy.distributed import gather
 
 
 class EvalError(RuntimeError):
@@ -136,6 +145,18 @@ class ExpertActor:
 
 
 # ------------------------------------------------------------------------------- rollouts
+@dataclass
+class _Episode:
+    """What one environment's running episode has done so far."""
+
+    index: int  # episode number (its place in the seed list)
+    seed: int
+    rewards: list = field(default_factory=list)
+    action_sum: np.ndarray | float = 0.0  # per-dimension sum of the actions taken (a fingerprint)
+    success: bool = False
+    frames: list | None = None  # (image, step, reward) per step when this episode is recorded
+
+
 def rollout(actor, vec_env, episodes: list, seeds: list, videos: int = 0,
             final_frames: bool = True, progress: bool = False) -> tuple[list, dict, dict]:
     """Run the episodes (indices with their seeds) on ``vec_env``, ``n_envs`` at a time.
@@ -146,10 +167,7 @@ def rollout(actor, vec_env, episodes: list, seeds: list, videos: int = 0,
     """
     n = vec_env.num_envs
     queue = list(zip(episodes, seeds))[::-1]  # pop() takes the lowest episode first
-    slot = [None] * n  # (episode, seed) running in each env
-    rewards = [[] for _ in range(n)]
-    action_sums = [0.0] * n  # per-dimension sums of the actions taken (a fingerprint of the episode)
-    success = np.zeros(n, bool)
+    running: list[_Episode | None] = [None] * n  # the episode in each env, None once the queue is empty
     frames, finals, records = {}, {}, []
     space = vec_env.single_action_space
     idle_action = np.clip(np.zeros(space.shape), space.low, space.high).astype(space.dtype)
@@ -171,11 +189,9 @@ def rollout(actor, vec_env, episodes: list, seeds: list, videos: int = 0,
         mask = np.zeros(n, bool)
         seed_list = [None] * n
         for i in ids:
-            if queue:
-                slot[i] = queue.pop()
-                mask[i], seed_list[i] = True, int(slot[i][1])
-            else:
-                slot[i] = None
+            running[i] = _Episode(*queue.pop()) if queue else None
+            if running[i] is not None:
+                mask[i], seed_list[i] = True, int(running[i].seed)
         if not mask.any():
             return
         new, _ = vec_env.reset(seed=seed_list, options={"reset_mask": mask})
@@ -184,45 +200,46 @@ def rollout(actor, vec_env, episodes: list, seeds: list, videos: int = 0,
         for k in obs:
             obs[k][mask] = new[k][mask]
         for i in np.flatnonzero(mask):
-            rewards[i], success[i], action_sums[i] = [], False, 0.0
             env = vec_env.envs[i] if hasattr(vec_env, "envs") else None
-            actor.begin(i, slot[i][1], env)
-        if any(slot[i][0] < videos for i in np.flatnonzero(mask)):
+            actor.begin(i, running[i].seed, env)
+        if any(running[i].index < videos for i in np.flatnonzero(mask)):
             imgs = render_all()
             for i in np.flatnonzero(mask):
-                if imgs is not None and slot[i][0] < videos:
-                    frames[slot[i][0]] = [(np.asarray(imgs[i]), 0, 0.0)]
+                if imgs is not None and running[i].index < videos:
+                    running[i].frames = [(np.asarray(imgs[i]), 0, 0.0)]
 
     from tqdm import tqdm
 
     bar = tqdm(total=len(episodes), desc="episodes", disable=not progress, dynamic_ncols=True)
     start(range(n))
-    while any(s is not None for s in slot):
-        active = np.array([s is not None for s in slot])
+    while any(e is not None for e in running):
+        active = np.array([e is not None for e in running])
         act = actor.act(obs, active, vec_env)
         act = np.where(active[:, None], act, idle_action[None]).astype(space.dtype)
         new, rew, term, trunc, infos = vec_env.step(act)
         obs = {k: np.array(v) for k, v in new.items()}
         ended = active & (np.asarray(term) | np.asarray(trunc))
-        recording = [i for i in np.flatnonzero(active) if slot[i][0] < videos]
+        recording = [i for i in np.flatnonzero(active) if running[i].frames is not None]
         imgs = render_all() if recording or (final_frames and ended.any()) else None
         for i in np.flatnonzero(active):
-            rewards[i].append(float(rew[i]))
-            action_sums[i] = action_sums[i] + np.asarray(act[i], dtype=np.float64)
+            ep = running[i]
+            ep.rewards.append(float(rew[i]))
+            ep.action_sum = ep.action_sum + np.asarray(act[i], dtype=np.float64)
             info = _env_info(infos, i)
-            success[i] |= bool(info.get("success", False))
-            ep, seed = slot[i]
-            if imgs is not None and ep < videos:
-                frames[ep].append((np.asarray(imgs[i]), len(rewards[i]), float(rew[i])))
+            ep.success |= bool(info.get("success", False))
+            if imgs is not None and ep.frames is not None:
+                ep.frames.append((np.asarray(imgs[i]), len(ep.rewards), float(rew[i])))
             if ended[i]:
                 if imgs is not None and final_frames:
-                    finals[ep] = np.asarray(imgs[i])
-                r = np.asarray(rewards[i])
-                records.append({"episode": int(ep), "seed": int(seed), "success": bool(success[i]),
+                    finals[ep.index] = np.asarray(imgs[i])
+                if ep.frames is not None:
+                    frames[ep.index] = ep.frames
+                r = np.asarray(ep.rewards)
+                records.append({"episode": int(ep.index), "seed": int(ep.seed), "success": bool(ep.success),
                                 "max_reward": float(r.max()), "return": float(r.sum()),
                                 "length": int(len(r)), "terminated": bool(term[i]),
                                 "mean_action": [round(float(x), 6) for x in
-                                                np.atleast_1d(action_sums[i]) / len(r)],
+                                                np.atleast_1d(ep.action_sum) / len(r)],
                                 "rewards": [round(x, 6) for x in r.tolist()], "final_info": info})
         if ended.any():
             start(np.flatnonzero(ended))
@@ -233,42 +250,85 @@ def rollout(actor, vec_env, episodes: list, seeds: list, videos: int = 0,
     return records, frames, finals
 
 
+# ------------------------------------------------------------------------------- one rank's share
+def default_n_envs(n_episodes: int) -> int:
+    """One environment per CPU core of this rank (cores shared among torchrun's local ranks)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, min(n_episodes, (cores or 1) // local_world))
+
+
+def rank_episodes(n_episodes: int, rank: int = 0, world: int = 1) -> list[int]:
+    """Rank ``rank``'s share of episodes ``0 .. n_episodes-1``: ``rank, rank + world, ...``."""
+    return list(range(rank, n_episodes, world))
+
+
+@dataclass
+class Shard:
+    """What one rank's rollouts gave: records in episode order, predict latencies, and (when
+    rendering) video frames of the recorded episodes and every episode's final frame."""
+
+    rank: int
+    episodes: list
+    n_envs: int
+    records: list = field(default_factory=list)
+    latencies_ms: list = field(default_factory=list)
+    frames: dict = field(default_factory=dict)
+    finals: dict = field(default_factory=dict)
+
+    def part(self) -> dict:
+        """The JSON-able part that :func:`diffusion_policy.distributed.gather` collects."""
+        return {"rank": self.rank, "records": self.records, "latencies_ms": self.latencies_ms}
+
+
+def run_shard(task: TaskConfig, seeds: list, make_actor, rank: int = 0, world: int = 1, n_envs: int = 0,
+              max_episode_steps: int | None = None, render: bool = False, videos: int = 0,
+              final_frames: bool = False, progress: bool = False) -> Shard:
+    """Roll out this rank's share of ``seeds``: episode ``i`` starts from ``seeds[i]`` and rank
+    ``r`` runs ``i = r, r + world, ...`` (:func:`rank_episodes`).
+
+    ``n_envs`` environments (0 = :func:`default_n_envs`, never more than the episodes) of the task
+    run in a vector env that is closed on return. ``make_actor(vec_env, n_envs)`` builds the actor
+    once the environments exist, so it can compare their observation space with a checkpoint
+    before loading any weights. ``render``: environments render rgb arrays, for ``videos`` (the
+    first that many episodes) and, with ``final_frames``, every episode's last frame.
+    """
+    episodes = rank_episodes(len(seeds), rank, world)
+    n_envs = max(1, min(n_envs or default_n_envs(len(episodes)), len(episodes)))
+    shard = Shard(rank=rank, episodes=episodes, n_envs=n_envs)
+    if not episodes:
+        return shard
+    vec = make_vector_env(task, n_envs, max_episode_steps or task.max_episode_steps, render=render)
+    try:
+        actor = make_actor(vec, n_envs)
+        shard.records, shard.frames, shard.finals = rollout(
+            actor, vec, episodes, [seeds[i] for i in episodes], videos=videos,
+            final_frames=final_frames, progress=progress)
+    finally:
+        vec.close()
+    shard.latencies_ms = actor.latencies()
+    return shard
+
+
+def merge(parts: list) -> tuple[list, list]:
+    """Every rank's parts as one (records in episode order, latencies in ms)."""
+    records = sorted((r for p in parts for r in p["records"]), key=lambda r: r["episode"])
+    return records, [x for p in parts for x in p["latencies_ms"]]
+
+
 def run_episodes(policy, task: TaskConfig, seeds: list, device="cpu", rank: int = 0, world: int = 1,
                  n_envs: int = 0, num_inference_steps: int | None = None, smoothing: str = "none",
                  max_episode_steps: int | None = None) -> dict:
     """Roll ``policy`` out on the given env seeds (no videos, nothing written) and return the
     metrics of :func:`report.compute_metrics`. Every rank calls it with the same seeds and runs
-    ``seeds[rank::world]``; parts are gathered over torch.distributed (needed when world > 1).
+    its share; parts are gathered over torch.distributed (needed when world > 1).
     Used by dp-train for checkpoint selection on the SELECT_SEED_BASE range."""
-    mine = list(range(rank, len(seeds), world))
-    part = {"rank": rank, "records": [], "latencies_ms": []}
-    if mine:
-        n_envs = max(1, min(n_envs or default_n_envs(len(mine)), len(mine)))
-        vec = make_vector_env(task, n_envs, max_episode_steps or task.max_episode_steps, render=False)
-        try:
-            check_compatible(task.name, task, policy.obs_keys, getattr(policy, "shapes", None),
-                             vec.single_observation_space)
-            actor = PolicyActor(policy, n_envs, device, num_inference_steps, smoothing)
-            records, _, _ = rollout(actor, vec, mine, [seeds[i] for i in mine], videos=0,
-                                    final_frames=False)
-        finally:
-            vec.close()
-        part = {"rank": rank, "records": records, "latencies_ms": actor.latencies()}
-    if world > 1:
-        import torch.distributed as dist
+    def make_actor(vec, n):
+        check_compatible(task.name, task, policy.obs_keys, getattr(policy, "shapes", None),
+                         vec.single_observation_space)
+        return PolicyActor(policy, n, device, num_inference_steps, smoothing)
 
-        if not (dist.is_available() and dist.is_initialized()):
-            raise EvalError(f"run_episodes with world={world} needs torch.distributed initialized")
-        parts = [None] * world
-        dist.all_gather_object(parts, part)
-    else:
-        parts = [part]
-    records = sorted((r for p in parts for r in p["records"]), key=lambda r: r["episode"])
-    return report.compute_metrics(records, [x for p in parts for x in p["latencies_ms"]],
-                                  {"task": task.name, "label": "rollout", "n_envs": n_envs})
-
-
-def default_n_envs(n_episodes: int) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return max(1, min(n_episodes, (cores or 1) // local_world))
+    shard = run_shard(task, seeds, make_actor, rank, world, n_envs, max_episode_steps)
+    records, latencies = merge(gather(shard.part(), rank, world))
+    return report.compute_metrics(records, latencies, {"task": task.name, "label": "rollout",
+                                                       "n_envs": shard.n_envs})

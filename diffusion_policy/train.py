@@ -24,13 +24,15 @@ import torch.distributed as dist
 
 from diffusion_policy import checkpoint as ckpt
 from diffusion_policy.config import ConfigError, TrainConfig, as_dict, run_cli
-from diffusion_policy.data.normalize import Normalizer
-from diffusion_policy.distributed import rank_world, resolve_device
-from diffusion_policy.data.store import EpisodeStore, StoreError
+from diffusion_policy.data.batches import EpochBatches
 from diffusion_policy.data.integrity import check_store
-from diffusion_policy.data.windows import WindowSampler, batch_to_torch, split_episodes
+from diffusion_policy.data.normalize import Normalizer
+from diffusion_policy.data.store import EpisodeStore, StoreError
+from diffusion_policy.data.windows import WindowDataset, WindowSampler, split_episodes
+from diffusion_policy.distributed import rank_world, resolve_device
 from diffusion_policy.logger import Logger
 from diffusion_policy.policy import Policy
+from diffusion_policy.validation import validate
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -67,46 +69,6 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
-class Windows:
-    """Training windows, drawn epoch by epoch from a permutation that depends only on
-    (seed, epoch): the batch of any step is known from the step alone, so resume needs no state
-    from the loader, and every rank sees a disjoint slice of the same permutation."""
-
-    def __init__(self, arrays, sampler, obs_keys, action_key, device, on_device, rank, world):
-        self.sampler, self.obs_keys, self.action_key = sampler, obs_keys, action_key
-        self.rank, self.world, self.device = rank, world, device
-        self.arrays = arrays
-        self.cache, self._perm, self._perm_device = None, None, None
-        if on_device:  # every window materialized once: a batch is one index into device tensors
-            full = sampler.gather(arrays, np.arange(len(sampler)), obs_keys, action_key)
-            self.cache = batch_to_torch(full, device)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def batch(self, step: int, seed: int, per_rank: int) -> dict:
-        global_batch = per_rank * self.world
-        per_epoch = max(1, len(self) // global_batch)
-        epoch, k = divmod(step, per_epoch)
-        if self._perm is None or self._perm[0] != epoch:  # one permutation per epoch
-            rng = np.random.default_rng([seed, epoch])
-            perm = rng.permutation(len(self)) if len(self) >= global_batch else \
-                rng.integers(0, len(self), global_batch)  # tiny datasets: draw with replacement
-            self._perm = (epoch, perm)
-            if self.cache is not None:
-                # copied to the device once per epoch: a blocking host-to-device copy every step
-                # would make the host wait for the previous step to finish on the GPU
-                self._perm_device = torch.as_tensor(perm, device=self.device)
-        window = slice(k * global_batch, (k + 1) * global_batch)
-        if self.cache is not None:
-            t = self._perm_device[window][self.rank::self.world]
-            return {"obs": {key: v[t] for key, v in self.cache["obs"].items()},
-                    "action": self.cache["action"][t]}
-        idx = self._perm[1][window][self.rank::self.world]
-        out = self.sampler.gather(self.arrays, idx, self.obs_keys, self.action_key)
-        return batch_to_torch(out, self.device)
-
-
 class LossModule(torch.nn.Module):
     """What DDP wraps: forward() is the policy's training loss, so gradients are synchronized."""
 
@@ -121,13 +83,14 @@ class LossModule(torch.nn.Module):
 # --------------------------------------------------------------------------------------- train
 def train(cfg: TrainConfig) -> dict:
     """Train a policy; returns {'run_dir', 'step', 'train_loss', 'val_loss', 'best'}."""
+    validate(cfg)
     # ---- ranks and device
     rank, world, local_rank = rank_world()
     device = resolve_device(cfg.device, local_rank)
-    if cfg.batch_size < 1 or cfg.batch_size % world:
-        raise ConfigError(f"batch_size={cfg.batch_size} must be a positive multiple of the number of "
-                          f"ranks ({world})")
-    per_rank = cfg.batch_size // world
+    try:  # before any collective call, like the checks below
+        EpochBatches.check_batch_size(cfg.batch_size, world)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if world > 1 and cfg.ddp_comm == "bf16" and device.type != "cuda":
         raise ConfigError(f"ddp_comm=bf16 needs CUDA devices (DDP's bf16_compress_hook runs on NCCL); "
                           f"this run is on {device.type}: use ddp_comm=fp32")
@@ -168,19 +131,24 @@ def train(cfg: TrainConfig) -> dict:
     arrays = {k: store[k] for k in keys}
     sampler_kw = dict(horizon=task.horizon, n_obs_steps=task.n_obs_steps, n_action_steps=task.n_action_steps)
     train_sampler = WindowSampler(store.episode_ends, episodes=train_ids, **sampler_kw)
-    val_sampler = WindowSampler(store.episode_ends, episodes=val_ids, **sampler_kw) if len(val_ids) else None
     if len(train_sampler) == 0:
         raise ConfigError(f"{cfg.data}: no training windows: the {len(train_ids)} training episodes are "
                           f"all shorter than the window (horizon {task.horizon}); collect longer "
                           f"episodes or lower task.horizon")
-    on_device = cfg.data_on_device and not task.image_keys
-    train_windows = Windows(arrays, train_sampler, task.obs_keys, task.action_key, device, on_device, rank, world)
+    place = dict(seed=cfg.seed, device=device, rank=rank, world=world)
+    train_batches = EpochBatches(WindowDataset(arrays, train_sampler, task.obs_keys, task.action_key),
+                                 cfg.batch_size, on_device=cfg.data_on_device and not task.image_keys, **place)
+    val_batches = None
+    if len(val_ids):
+        val_sampler = WindowSampler(store.episode_ends, episodes=val_ids, **sampler_kw)
+        val_batches = EpochBatches(WindowDataset(arrays, val_sampler, task.obs_keys, task.action_key),
+                                   cfg.batch_size, **place)
 
     # ---- policy, EMA, optimizer, schedule
     if cfg.resume:
-        state = ckpt.load_training(run_dir, device)
-        policy = state["model"]
-        _check_same_model(cfg, state["trainer"]["config"], run_dir)
+        saved = ckpt.load_training(run_dir, device)
+        policy = saved.policy
+        _check_same_model(cfg, saved.config, run_dir)
     else:
         rows = [store.episode_slice(int(e)) for e in train_ids]  # statistics of training episodes only
         fit_arrays = {k: np.concatenate([np.asarray(arrays[k][r]) for r in rows]) for k in keys
@@ -195,6 +163,7 @@ def train(cfg: TrainConfig) -> dict:
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                                   weight_decay=cfg.weight_decay, **adamw_kwargs(device))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.steps))
+    state = ckpt.TrainingState(policy, ema, optimizer, scheduler)
 
     loss_module = LossModule(policy)
     if world > 1:
@@ -211,11 +180,11 @@ def train(cfg: TrainConfig) -> dict:
             loss_module.register_comm_hook(None, bf16_compress_hook)  # None: the default group
         if ema is not None:
             ema.load_state_dict(policy.state_dict())  # the EMA starts from the broadcast weights
-    step, topk = 0, []
     if cfg.resume:
-        step, topk = ckpt.restore_training(state, optimizer, scheduler, ema)
+        state.restore(saved)
         if is_main:
-            print(f"resumed {run_dir} at step {step}", flush=True)
+            print(f"resumed {run_dir} at step {state.step}", flush=True)
+    step = state.step
     if rank > 0 or not cfg.resume:
         # training noise: a distinct stream per rank (only rank 0's generator is saved; the others
         # restart from a seed that depends on the step, so a resumed run draws fresh noise)
@@ -231,7 +200,7 @@ def train(cfg: TrainConfig) -> dict:
                         resume_step=step if cfg.resume else None)
         n_params = sum(p.numel() for p in policy.parameters())
         print(f"run {run_dir}: {store.n_episodes} episodes ({len(train_ids)} train, {len(val_ids)} val), "
-              f"{len(train_windows)} windows, {n_params / 1e6:.2f}M parameters, device {device}, "
+              f"{len(train_batches)} windows, {n_params / 1e6:.2f}M parameters, device {device}, "
               f"{world} rank(s), global batch {cfg.batch_size}"
               + (f", DDP {cfg.ddp_comm} all-reduce in {cfg.ddp_bucket_mb} MiB buckets" if world > 1 else ""),
               flush=True)
@@ -250,7 +219,7 @@ def train(cfg: TrainConfig) -> dict:
     policy.train()
     while step < cfg.steps:
         t0 = time.perf_counter()
-        batch = train_windows.batch(step, cfg.seed, per_rank)
+        batch = train_batches.batch(step)
         t1 = time.perf_counter()
         with autocast:
             loss = loss_fn(batch)
@@ -260,7 +229,8 @@ def train(cfg: TrainConfig) -> dict:
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
         optimizer.step()
         scheduler.step()
-        step += 1
+        state.step += 1
+        step = state.step
         if ema is not None:
             ema_update(ema, policy, ema_decay(step, cfg.ema_power, cfg.ema_max_decay))
         t3 = time.perf_counter()
@@ -282,14 +252,14 @@ def train(cfg: TrainConfig) -> dict:
                 bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.1e}", sps=f"{sps:.0f}")
         bar.update(1)
 
-        if val_sampler is not None and (step % cfg.val_every == 0 or step == cfg.steps):
-            val_loss = _validation_loss(ema or policy, arrays, val_sampler, task, device, cfg.seed, world, rank)
+        if val_batches is not None and (step % cfg.val_every == 0 or step == cfg.steps):
+            val_loss = _validation_loss(ema or policy, val_batches)
             if is_main:
                 logger.log(step, {"val/loss": val_loss})
 
         selected = None
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-            metrics = _rollouts(ema or policy, task, cfg.eval_episodes, step, device, rank, world)
+            metrics = _rollouts(ema or policy, task, cfg.eval_episodes, device, rank, world)
             if is_main:
                 logger.log(step, {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
                 selected = (metrics["success_rate"], metrics["mean_max_reward"])
@@ -298,8 +268,7 @@ def train(cfg: TrainConfig) -> dict:
             policy.train()
 
         if is_main and (step % cfg.checkpoint_every == 0 or step == cfg.steps or selected is not None):
-            topk = ckpt.save_training(run_dir, step, policy, ema, optimizer, scheduler, cfg, topk,
-                                      score=selected, k=cfg.topk)
+            state.save(run_dir, as_dict(cfg), score=selected, k=cfg.topk)
     bar.close()
     if is_main:
         logger.close()
@@ -308,7 +277,7 @@ def train(cfg: TrainConfig) -> dict:
     if world > 1:
         dist.barrier()
     return {"run_dir": str(run_dir), "step": step, "train_loss": train_loss, "val_loss": val_loss,
-            "best": topk[0] if topk else None}
+            "best": state.topk[0] if state.topk else None}
 
 
 def _check_same_model(cfg: TrainConfig, saved: dict, run_dir) -> None:
@@ -331,30 +300,28 @@ def _mean_across_ranks(x: torch.Tensor, world: int) -> float:
 
 
 @torch.no_grad()
-def _validation_loss(policy, arrays, sampler, task, device, seed, world, rank, max_windows=4096) -> float:
-    """Mean loss over a fixed subset of validation windows and a fixed noise draw, so successive
-    values are comparable. Each rank takes a slice; the mean is all-reduced."""
+def _validation_loss(policy, batches: EpochBatches) -> float:
+    """Mean loss over a fixed subset of validation windows (``batches.fixed()``) and a fixed noise
+    draw, so successive values are comparable. Each rank takes a slice; the mean is all-reduced."""
     was_training = policy.training
     policy.eval()
-    idx = np.random.default_rng(seed).permutation(len(sampler))[:max_windows][rank::world]
+    device = batches.device
     total, n = torch.zeros((), device=device), 0
     # a fixed noise draw, without disturbing the training streams (CPU and this rank's GPU)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for chunk in np.array_split(idx, max(1, math.ceil(len(idx) / 512))):
-            if len(chunk) == 0:  # a rank with no validation windows adds nothing
-                continue
-            batch = batch_to_torch(sampler.gather(arrays, chunk, task.obs_keys, task.action_key), device)
-            total += policy.compute_loss(batch).detach() * len(chunk)
-            n += len(chunk)
+        torch.manual_seed(batches.seed)
+        for batch in batches.fixed():
+            rows = len(batch["action"])
+            total += policy.compute_loss(batch).detach() * rows
+            n += rows
     policy.train(was_training)
     out = torch.stack([total, torch.tensor(float(n), device=device)])
-    if world > 1:
+    if batches.world > 1:
         dist.all_reduce(out)
     return float(out[0] / out[1].clamp(min=1))
 
 
-def _rollouts(policy, task, episodes, step, device, rank, world) -> dict:
+def _rollouts(policy, task, episodes, device, rank, world) -> dict:
     """Success of the current (EMA) weights on the selection seeds, which are disjoint from both
     the collection and the test seeds (selecting on test seeds would inflate reported results)."""
     from diffusion_policy.config import SELECT_SEED_BASE

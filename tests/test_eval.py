@@ -36,8 +36,10 @@ class NoisyReacher:
 
 
 def _policy_dir(path, task=AVOID, shapes=None):
+    """A policy folder whose config.json is a complete spec (no weights: the stand-in is loaded)."""
     path.mkdir(parents=True)
-    cfg = {"task": task, "shapes": shapes or {"state": [6]}}
+    cfg = {"format_version": 1, "task": task, "policy": {"name": "mlp"}, "method": {"name": "regression"},
+           "shapes": shapes or {"state": [6]}, "action_dim": 2, "normalizer": {}}
     (path / "config.json").write_text(json.dumps(cfg))
     (path / "model.safetensors").write_bytes(b"")
     return path
@@ -143,7 +145,9 @@ def test_results_do_not_depend_on_n_envs_or_ranks(tmp_path, standin, monkeypatch
     _policy_dir(tmp_path / "ckpt")
     one = ev.evaluate(_cfg(tmp_path, episodes=3, n_envs=1, videos=0, out=str(tmp_path / "a")))
     two = ev.evaluate(_cfg(tmp_path, episodes=3, n_envs=2, videos=0, out=str(tmp_path / "b")))
-    read = lambda d: [json.loads(x) for x in (tmp_path / d / "episodes.jsonl").read_text().splitlines()]
+    def read(d):
+        return [json.loads(x) for x in (tmp_path / d / "episodes.jsonl").read_text().splitlines()]
+
     assert read("a") == read("b")
     assert one["success_rate"] == two["success_rate"] and two["n_envs"] == 2
     assert one["predict_calls"] > 0 and one["latency_p50_ms"] > 0
@@ -173,8 +177,62 @@ def test_shared_generator_batches_and_is_reproducible_for_fixed_n_envs(tmp_path,
     _policy_dir(tmp_path / "ckpt")
     runs = [ev.evaluate(_cfg(tmp_path, episodes=2, n_envs=2, videos=0, episode_generators=False,
                              out=str(tmp_path / d))) for d in ("a", "b")]
-    read = lambda d: [json.loads(x) for x in (tmp_path / d / "episodes.jsonl").read_text().splitlines()]
+    def read(d):
+        return [json.loads(x) for x in (tmp_path / d / "episodes.jsonl").read_text().splitlines()]
+
     assert read("a") == read("b") and not runs[0]["episode_generators"]
     per_episode = ev.evaluate(_cfg(tmp_path, episodes=2, n_envs=2, videos=0, out=str(tmp_path / "c")))
     # the stand-in draws with torch.randn (no generator lists): per-episode mode calls once per env
     assert runs[0]["predict_calls"] < per_episode["predict_calls"]
+
+
+# ------------------------------------------------------------------------------------ the pieces
+def test_run_shard_splits_seeds_over_ranks_and_clamps_n_envs(standin):
+    """What a deploy benchmark would call: its own actor factory, this rank's share of the seeds."""
+    task = TaskConfig(**AVOID)
+    seeds = [EVAL_SEED_BASE + 40 + i for i in range(3)]
+    made = []
+
+    def make_actor(vec, n_envs):
+        made.append((vec.num_envs, n_envs))
+        return ev.PolicyActor(NoisyReacher(), n_envs, "cpu")
+
+    whole = ev.run_shard(task, seeds, make_actor, n_envs=8)
+    assert made == [(3, 3)] and whole.n_envs == 3 and whole.episodes == [0, 1, 2]
+    assert [r["seed"] for r in whole.records] == seeds and whole.frames == {} and whole.finals == {}
+    parts = [ev.run_shard(task, seeds, make_actor, rank=r, world=2, n_envs=1).part() for r in range(2)]
+    assert [p["rank"] for p in parts] == [0, 1] and [len(p["records"]) for p in parts] == [2, 1]
+    records, latencies = ev.merge(parts)
+    assert records == whole.records and len(latencies) == sum(len(p["latencies_ms"]) for p in parts)
+    empty = ev.run_shard(task, seeds[:1], make_actor, rank=1, world=2)  # a rank with nothing to do
+    assert empty.episodes == [] and empty.part() == {"rank": 1, "records": [], "latencies_ms": []}
+
+
+def test_gather_through_part_files(tmp_path):
+    from diffusion_policy.distributed import GatherError, gather
+
+    assert gather({"rank": 0}, 0, 1) == [{"rank": 0}]
+    assert gather({"rank": 1, "x": [1]}, 1, 2, part_dir=tmp_path / "parts") is None
+    assert gather({"rank": 0, "x": [0]}, 0, 2, part_dir=tmp_path / "parts") == [{"rank": 0, "x": [0]},
+                                                                               {"rank": 1, "x": [1]}]
+    assert not (tmp_path / "parts").exists()  # read, then removed
+    with pytest.raises(GatherError, match="world=2 needs torch.distributed initialized"):
+        gather({}, 0, 2)
+    with pytest.raises(GatherError, match=r"waited 0 s for parts \['rank001.json'\]"):
+        gather({}, 0, 2, part_dir=tmp_path / "p2", wait_s=0.0)
+
+
+def test_sampler_steps_beyond_the_checkpoints_schedule_name_the_key(tmp_path):
+    d = _policy_dir(tmp_path / "ckpt")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["method"] = {"name": "diffusion", "scheduler": "ddim", "num_train_timesteps": 10}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ev.EvalError, match=r"^checkpoint ckpt: num_inference_steps=50 is more than the 10 "):
+        ev.evaluate(_cfg(tmp_path, num_inference_steps=50))
+
+
+def test_a_config_json_that_is_not_a_spec_is_one_line(tmp_path):
+    d = _policy_dir(tmp_path / "ckpt")
+    (d / "config.json").write_text(json.dumps({"task": AVOID}))  # no format_version: not Policy.save's
+    with pytest.raises(ev.EvalError, match=r"config.json: format_version None, expected 1$"):
+        ev.evaluate(_cfg(tmp_path))

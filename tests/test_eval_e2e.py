@@ -44,6 +44,20 @@ def _episodes(out: Path) -> list:
     return [json.loads(l) for l in (out / "episodes.jsonl").read_text().splitlines()]
 
 
+def test_spec_is_what_policy_save_wrote(run_dir):
+    """One reader of config.json: the spec rebuilds the policy Policy.load returns."""
+    from diffusion_policy.config import as_dict
+    from diffusion_policy.policy import PolicySpec
+
+    pdir = run_dir / "checkpoints" / "step_0000001" / "policy"
+    spec = PolicySpec.read(pdir)
+    policy = Policy.load(pdir)
+    written = policy.config_dict()
+    assert as_dict(spec.task) == written["task"] and as_dict(spec.policy) == written["policy"]
+    assert as_dict(spec.method) == written["method"] and spec.normalizer == written["normalizer"]
+    assert spec.shapes == {"state": (6,)} and spec.action_dim == 2
+
+
 def test_evaluate_writes_every_output(run_dir, tmp_path):
     out = tmp_path / "out"
     cfg = compose("eval", [f"checkpoint={run_dir}", "episodes=2", "videos=1", "n_envs=1",

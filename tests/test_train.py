@@ -18,6 +18,7 @@ from diffusion_policy import checkpoint as ckpt
 from diffusion_policy.config import ConfigError, compose
 from diffusion_policy.data.store import EpisodeStore
 from diffusion_policy.train import adamw_kwargs, ema_decay, lr_lambda, main, train
+from diffusion_policy.validation import validate
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["policy=unet_small", "policy.down_dims=[16,32]", "policy.time_embed_dim=16",
@@ -100,20 +101,20 @@ def _train_until(cfg, stop: int) -> None:
     """Run ``train`` and interrupt it right after the checkpoint of step ``stop``, as a crash would."""
     import diffusion_policy.train as T
 
-    real = T.ckpt.save_training
+    real = T.ckpt.TrainingState.save
 
-    def save_then_stop(run_dir, step, *a, **kw):
-        out = real(run_dir, step, *a, **kw)
-        if step == stop:
+    def save_then_stop(state, *a, **kw):
+        out = real(state, *a, **kw)
+        if state.step == stop:
             raise KeyboardInterrupt
         return out
 
-    T.ckpt.save_training = save_then_stop
+    T.ckpt.TrainingState.save = save_then_stop
     try:
         with pytest.raises(KeyboardInterrupt):
             T.train(cfg)
     finally:
-        T.ckpt.save_training = real
+        T.ckpt.TrainingState.save = real
 
 
 def test_optimizer_state_moves_between_fused_and_foreach():
@@ -153,6 +154,53 @@ def test_optimizer_state_moves_between_fused_and_foreach():
             torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-6)
 
 
+def test_training_state_saves_and_restores_as_a_whole(tmp_path):
+    """Policy, EMA, optimizer, schedule, step, top-k and the RNG states come back together: the
+    restored state's next step is the saved state's next step, to the bit."""
+    cfg = compose("train", TINY)
+    arrays = {"state": np.linspace(-1, 1, 60, dtype=np.float32).reshape(10, 6),
+              "action": np.linspace(-1, 1, 20, dtype=np.float32).reshape(10, 2)}
+    from diffusion_policy.data.normalize import Normalizer
+    from diffusion_policy.policy import Policy
+
+    def fresh():
+        torch.manual_seed(0)
+        policy = Policy.build(cfg.task, cfg.policy, cfg.method, Normalizer.fit(arrays, {"state": "minmax",
+                              "action": "minmax"}), {"state": (6,)}, 2)
+        opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(2, 10))
+        return ckpt.TrainingState(policy, copy.deepcopy(policy), opt, sched)
+
+    batch = {"obs": {"state": torch.rand(4, 2, 6)}, "action": torch.rand(4, 16, 2)}
+
+    def step(state):  # one training step, drawing noise from the torch RNG
+        state.optimizer.zero_grad()
+        state.policy.compute_loss(batch).backward()
+        state.optimizer.step()
+        state.scheduler.step()
+        state.step += 1
+        state.ema.load_state_dict(state.policy.state_dict())
+        return float(np.random.rand())
+
+    a = fresh()
+    step(a), step(a)
+    assert a.save(tmp_path, {"note": "config"}, score=(0.5, 0.7), k=2) == "step_0000002"
+    assert ckpt.read_latest(tmp_path) == "step_0000002" and a.topk == [{"name": "step_0000002", "step": 2,
+                                                                         "score": [0.5, 0.7]}]
+    draw_a = step(a)  # the step after the checkpoint, then the same step from the restored state
+    b = fresh()
+    saved = ckpt.load_training(tmp_path, "cpu")
+    assert saved.config == {"note": "config"}
+    b.policy = saved.policy  # the training weights come with the checkpoint (dp-train builds from them)
+    b.optimizer = torch.optim.AdamW(b.policy.parameters(), lr=1e-3)
+    b.scheduler = torch.optim.lr_scheduler.LambdaLR(b.optimizer, lr_lambda(2, 10))
+    b.restore(saved)
+    assert b.step == 2 and b.topk == a.topk and b.scheduler.get_last_lr() == [1e-3]  # warm-up over
+    assert step(b) == draw_a  # numpy stream
+    for pa, pb in zip(a.policy.state_dict().values(), b.policy.state_dict().values()):
+        assert torch.equal(pa, pb)  # same noise (torch RNG), same moments: the same update
+
+
 def test_sigkill_never_leaves_latest_unloadable(store, tmp_path):
     run = tmp_path / "killed"
     args = [sys.executable, "-m", "diffusion_policy.train", *TINY, f"data={store}", f"run_dir={run}",
@@ -160,7 +208,8 @@ def test_sigkill_never_leaves_latest_unloadable(store, tmp_path):
     rng = np.random.default_rng(0)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for attempt in range(3):
-        p = subprocess.Popen(args + (["resume=true"] if attempt else []), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        p = subprocess.Popen(args + (["resume=true"] if attempt else []), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env=env)
         deadline = time.time() + 60
         while not ckpt.has_latest(run) and time.time() < deadline:
             time.sleep(0.05)
@@ -168,31 +217,34 @@ def test_sigkill_never_leaves_latest_unloadable(store, tmp_path):
         p.send_signal(signal.SIGKILL)
         p.wait()
         assert ckpt.has_latest(run)
-        state = ckpt.load_training(run, "cpu")  # every file of the checkpoint named by latest loads
-        assert state["trainer"]["step"] >= 1
+        saved = ckpt.load_training(run, "cpu")  # every file of the checkpoint named by latest loads
+        assert saved.step >= 1 and saved.path.name == f"step_{saved.step:07d}"
         ckpt.load_policy(run)
 
 
 def test_config_errors_name_the_key(store, tmp_path, capsys, monkeypatch):
-    with pytest.raises(ConfigError, match="method.scheduler"):
-        compose("train", ["method.scheduler=ddpn"])
+    with pytest.raises(ConfigError, match="method.scheduler='ddpn' is not allowed; expected one of ddpm, ddim"):
+        validate(compose("train", ["method.scheduler=ddpn"]))
     with pytest.raises(ConfigError, match="ddim|flow"):  # hydra lists the group's options
         compose("train", ["method=nope"])
     with pytest.raises(ConfigError, match="no_such_key"):
         compose("train", ["no_such_key=1"])
-    with pytest.raises(ConfigError, match="n_action_steps"):
-        compose("train", ["task.n_action_steps=20"])
-    for bad, key in [(["task.horizon=10"], "task.horizon"),
-                     (["method.num_inference_steps=500"], "num_inference_steps"),
-                     (["method=dpmsolver", "method.clip_sample=true"], "clip_sample")]:
+    with pytest.raises(ConfigError, match=r"^task.n_action_steps=20 \(Ta\) must be <= .* at most 15"):
+        validate(compose("train", ["task.n_action_steps=20"]))
+    for bad, key in [(["task.horizon=10"], r"^task.horizon=10\b.*divisible by 4"),
+                     (["method.num_inference_steps=500"], r"^method.num_inference_steps=500 .* at most 100"),
+                     (["method=dpmsolver", "method.clip_sample=true"], r"^method.clip_sample=true .*false")]:
         with pytest.raises(ConfigError, match=key):
-            compose("train", bad)
+            validate(compose("train", bad))
     assert main(["batch_size=0", f"data={store}", f"run_dir={tmp_path / 'b0'}"]) == 2
     assert "batch_size=0" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="ddp_comm='fp16'.*fp32, bf16"):
-        compose("train", ["ddp_comm=fp16"])
+        validate(compose("train", ["ddp_comm=fp16"]))
     with pytest.raises(ConfigError, match="ddp_bucket_mb=0"):
-        compose("train", ["ddp_bucket_mb=0"])
+        validate(compose("train", ["ddp_bucket_mb=0"]))
+    assert main(["task.horizon=10", f"data={store}", f"run_dir={tmp_path / 'h'}"]) == 2  # train() validates
+    err = capsys.readouterr().err
+    assert err.startswith("dp-train: task.horizon=10") and err.count("\n") == 1
     with monkeypatch.context() as m:  # checked before the process group would start
         m.setenv("WORLD_SIZE", "2")
         with pytest.raises(ConfigError, match="ddp_comm=bf16 needs CUDA"):

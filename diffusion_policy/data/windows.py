@@ -1,4 +1,4 @@
-"""Training windows over episodes, gathered a batch at a time.
+"""Training windows over episodes, gathered a batch at a time (batches.py draws them for dp-train).
 
 A window is ``H`` consecutive steps of one episode. Windows never cross episodes; near an edge the
 edge frame is repeated. With the default padding (``To-1`` steps before the episode, ``Ta-1`` after)
@@ -158,11 +158,16 @@ def collate_windows(batch):
 
 
 class WindowDataset(torch.utils.data.Dataset):
-    """Windows of a store as torch tensors, in raw units (normalization belongs to the policy).
+    """The windows of a store's episodes: its arrays, a :class:`WindowSampler` and the keys, in raw
+    units (normalization belongs to the policy).
 
-    Per item: ``{"obs": {key: (To, ...)}, "action": (H, Da)}``; images stay uint8 ``(To, H, W, 3)``,
-    floating-point keys become float32. ``__getitems__`` gathers a whole batch at once; use
-    :func:`make_loader` (or ``collate_fn=collate_windows``) so the DataLoader does not re-stack it.
+    ``dp-train`` draws its batches from one through
+    :class:`diffusion_policy.data.batches.EpochBatches` (a permutation per epoch, one gather per
+    batch). It is also a torch ``Dataset`` for anyone who wants a DataLoader instead (other
+    samplers, worker processes): per item ``{"obs": {key: (To, ...)}, "action": (H, Da)}``; images
+    stay uint8 ``(To, H, W, 3)``, floating-point keys become float32. ``__getitems__`` gathers a
+    whole batch at once; use :func:`make_loader` (or ``collate_fn=collate_windows``) so the
+    DataLoader does not re-stack it.
     """
 
     def __init__(self, store, sampler: WindowSampler, obs_keys: Sequence[str],

@@ -207,6 +207,19 @@ def test_with_clip_sample_the_error_is_taken_on_the_clipped_estimate():
     torch.testing.assert_close(got, x.float(), atol=1e-4, rtol=1e-5)
 
 
+def test_per_row_weights_guide_each_row_on_its_own():
+    """weights (B, H): a server batching several clients, each with its own delay."""
+    method, net, B = FlowMatching("beta", "heun", 2), ExactFlowNet(GAUSS), 2
+    noise = torch.randn(1, H, DA, generator=torch.Generator().manual_seed(4)).expand(B, H, DA)  # same in both rows
+    prefix = PREFIX.expand(B, 3, DA)
+    both = guided_sample(method, net, torch.zeros(B, 1, 1), (B, H, DA), prefix, torch.stack([W4, torch.zeros(H)]),
+                         noise=noise)
+    for row, w in ((0, W4), (1, torch.zeros(H))):
+        alone = guided_sample(method, net, torch.zeros(1, 1, 1), (1, H, DA), prefix[:1], w, noise=noise[row : row + 1])
+        torch.testing.assert_close(both[row : row + 1], alone, atol=1e-6, rtol=1e-6)
+    assert (both[0] - both[1]).abs().max() > 1e-2  # the rows differ by their weights only
+
+
 # ------------------------------------------------------------------- zero weights: the plain sampler
 class SmallNet(nn.Module):
     """A nonlinear network with parameters (to check that none of them gets a gradient)."""

@@ -347,4 +347,6 @@ def test_bad_input_is_an_error_naming_it():
         guided_sample(ddim("epsilon", 10), net, cond, (B, H, DA), prefix, W4, num_steps=101)
     with pytest.raises(ValueError, match="max_guidance must be > 0"):
         guided_sample(flow, net, cond, (B, H, DA), prefix, W4, max_guidance=0.0)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="outside torch.inference_mode"):
+        guided_sample(flow, net, cond, (B, H, DA), prefix, W4)
     assert math.isfinite(float(guided_sample(flow, net, cond, (B, H, DA), prefix, W4).sum()))

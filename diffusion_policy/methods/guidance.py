@@ -138,6 +138,9 @@ def guided_sample(method, net, cond: torch.Tensor, shape: tuple[int, int, int], 
     draws it, so that weights all 0 give the unguided sample). ``max_guidance``: beta of eq. 2.
     The frozen actions are not overwritten: the result is what the guided sampler produced.
     """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("guided_sample differentiates through the network: call it outside torch.inference_mode() "
+                           "(torch.no_grad() is fine)")
     device = cond.device
     Y, W = _check(shape, prefix, weights, max_guidance, device)
     if noise is None:

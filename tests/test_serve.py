@@ -90,7 +90,8 @@ def test_arrays_round_trip_and_objects_are_refused():
     with pytest.raises(P.ProtocolError, match="x.a: dtype '\\|O' cannot travel"):
         P.unpack(P.pack({"type": "x", "a": fake}), 2**20)
     short = {"__ndarray__": True, "dtype": "<f4", "shape": [2, 2], "data": b"\0" * 12}
-    with pytest.raises(P.ProtocolError, match="x.a: 12 bytes of data for shape \\[2, 2\\] and dtype '<f4', expected 16"):
+    with pytest.raises(P.ProtocolError,
+                       match="x.a: 12 bytes of data for shape \\[2, 2\\] and dtype '<f4', expected 16"):
         P.unpack(P.pack({"type": "x", "a": short}), 2**20)
     with pytest.raises(P.ProtocolError, match="message of 101 bytes exceeds max_message_bytes=100"):
         P.unpack(b"\0" * 101, 100)
@@ -148,12 +149,36 @@ def test_served_chunk_equals_local_predict(server, policy):
         assert got.dtype == np.float32 and got.shape == (3, H, DA)
         # torch tensors and float64 windows are read as the policy reads them (cast to float32)
         t64 = torch.from_numpy(obs3["state"].astype(np.float64))
-        assert np.array_equal(client.predict({"state": t64}, seed=42), local(policy, obs3, torch.Generator().manual_seed(42)))
+        want = local(policy, obs3, torch.Generator().manual_seed(42))
+        assert np.array_equal(client.predict({"state": t64}, seed=42), want)
         t = client.last_timings
         assert set(t) == {"round_trip_ms", "server_decode_ms", "server_queue_ms", "server_inference_ms", "transport_ms"}
         assert t["round_trip_ms"] >= t["server_inference_ms"] > 0
         assert t["transport_ms"] == pytest.approx(t["round_trip_ms"] - t["server_decode_ms"] - t["server_queue_ms"]
                                                   - t["server_inference_ms"])
+
+
+def test_guided_inpainting_is_served_as_predict_guided(server, policy):
+    """prefix_weights: real-time chunking's soft mask, through guidance.predict_guided on the server."""
+    from diffusion_policy.methods.guidance import predict_guided, rtc_weights
+
+    obs = window(2)
+    prefix = np.random.default_rng(6).uniform(-1, 2, (2, 5, DA)).astype(np.float32)
+    weights = rtc_weights(H, delay=2, exec_horizon=3, start=TO - 1).float().numpy()  # nonzero on [0, 5)
+    torch_obs = {k: torch.from_numpy(v) for k, v in obs.items()}
+    with RemotePolicy(server.url) as client:
+        assert client.metadata["prefix_weights"] is True
+        for kw in ({}, {"max_guidance": 2.0}):
+            got = client.predict(obs, prefix=prefix, prefix_weights=weights, seed=4, **kw)
+            want = predict_guided(policy, torch_obs, torch.from_numpy(prefix), torch.from_numpy(weights),
+                                  generator=torch.Generator().manual_seed(4), **kw).numpy()
+            assert np.array_equal(got, want)
+        plain = client.predict(obs, prefix=prefix, seed=4)
+        assert not np.allclose(plain, got)  # guidance is not the plain replacement of the prefix
+        with pytest.raises(RemoteRequestError, match="weights has shape \\(3,\\), expected \\(8,\\) or \\(2, 8\\)"):
+            client.predict(obs, prefix=prefix, prefix_weights=weights[:3], seed=4)
+        with pytest.raises(RemoteRequestError, match="predict: prefix_weights needs a prefix"):
+            client.predict(obs, prefix_weights=weights)
 
 
 def test_generators_are_refused_clearly(server):
@@ -223,16 +248,19 @@ def test_bad_requests_get_error_replies_and_the_server_keeps_serving(server, pol
         (P.pack({"type": "teleport", "id": 7}), 7, "unknown_type",
          "unknown request type 'teleport'; expected one of ['predict', 'reset']"),
         (predict_msg(obs, extra=1), 7, "bad_request",
-         "predict: unknown fields ['extra']; expected ['id', 'num_steps', 'obs', 'prefix', 'prefix_weights', 'seed', 'type']"),
+         "predict: unknown fields ['extra']; expected ['id', 'max_guidance', 'num_steps', 'obs', 'prefix', "
+         "'prefix_weights', 'seed', 'type']"),
         (predict_msg({"pos": obs["state"]}), 7, "bad_request",
-         "predict: obs keys ['pos'] do not match the policy's obs_keys ['state'] (missing ['state'], unexpected ['pos'])"),
+         "predict: obs keys ['pos'] do not match the policy's obs_keys ['state'] (missing ['state'], "
+         "unexpected ['pos'])"),
         (predict_msg({"state": obs["state"][:, :1]}), 7, "bad_request",
          "predict: obs['state'] has shape (1, 1, 5), expected (B, To=2, 5)"),
         (predict_msg({"state": obs["state"][..., :4]}), 7, "bad_request",
          "predict: obs['state'] has shape (1, 2, 4), expected (B, To=2, 5)"),
         (predict_msg(f64), 7, "bad_request", "predict: obs['state'] has dtype float64, expected float32"),
         (predict_msg(nan), 7, "bad_request", "predict: obs['state'] contains NaN/inf"),
-        (predict_msg(obs, num_steps=0), 7, "bad_request", "predict: num_steps must be a positive integer or null, got 0"),
+        (predict_msg(obs, num_steps=0), 7, "bad_request",
+         "predict: num_steps must be a positive integer or null, got 0"),
         (predict_msg(obs, num_steps=500), 7, "bad_request",
          "ValueError: num_"),  # the method refuses more steps than it was trained with
         (predict_msg(obs, prefix=np.zeros((1, H + 1, DA), np.float32)), 7, "bad_request",
@@ -250,7 +278,8 @@ def test_bad_requests_get_error_replies_and_the_server_keeps_serving(server, pol
         assert np.array_equal(other.predict(obs), local(policy, obs, g))
     conn.close()
     # the client turns an error reply into an exception naming the problem
-    with pytest.raises(RemoteRequestError, match="bad_request: predict: obs\\['state'\\] has dtype int64, expected float32"):
+    with pytest.raises(RemoteRequestError,
+                       match="bad_request: predict: obs\\['state'\\] has dtype int64, expected float32"):
         other.predict({"state": np.zeros((1, TO, D), np.int64)})
     with pytest.raises(ValueError, match=f"predict request of \\d+ bytes exceeds max_message_bytes={LIMIT}"):
         RemotePolicy(server.url, max_message_bytes=LIMIT).predict({"state": np.zeros((1, TO, 10000), np.float32)})
@@ -320,7 +349,8 @@ def test_request_timeout_raises_and_the_late_reply_is_skipped(policy):
             client.predict(window(), seed=1)
         assert 0.2 <= time.perf_counter() - t0 < 0.5
         time.sleep(0.6)  # the late chunk of seed 1 arrives now and must not answer the next request
-        assert np.array_equal(client.predict(window(), seed=2), local(policy, window(), torch.Generator().manual_seed(2)))
+        want = local(policy, window(), torch.Generator().manual_seed(2))
+        assert np.array_equal(client.predict(window(), seed=2), want)
         client.close()
 
 
@@ -342,7 +372,8 @@ def test_client_reconnects_after_a_server_restart(policy):
     srv.close()
     # restarted with another policy: refused, not silently used
     srv = PolicyServer(make_policy(steps=4), port=port).start()
-    with pytest.raises(RemoteError, match="after reconnecting the server serves another policy \\(metadata \\['num_inference_steps'\\] changed\\)"):
+    changed = "after reconnecting the server serves another policy \\(metadata \\['num_inference_steps'\\] changed\\)"
+    with pytest.raises(RemoteError, match=changed):
         client.predict(obs)
     assert client.reconnects == 1
     srv.close()

@@ -12,13 +12,13 @@ import time
 
 import numpy as np
 import torch
+from test_serve import make_policy, window
 
 from diffusion_policy import serve
 from diffusion_policy.config import ServeConfig, compose
 from diffusion_policy.policy import Policy
 from diffusion_policy.serving.client import RemotePolicy
 from diffusion_policy.serving.server import PolicyServer
-from test_serve import make_policy, window
 
 STARTUP_S = 180  # importing torch and diffusers on two shared cores can take a while
 

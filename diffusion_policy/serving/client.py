@@ -215,14 +215,15 @@ class RemotePolicy:
 
     # ------------------------------------------------------------------------------ policy calls
     def predict(self, obs: dict, num_steps: int | None = None, generator=None, prefix=None,
-                prefix_weights=None, seed: int | None = None) -> np.ndarray:
+                prefix_weights=None, seed: int | None = None, max_guidance: float | None = None) -> np.ndarray:
         """``(B, H, Da)`` float32 action chunks for observation windows ``{key: (B, To, ...)}``.
 
         As ``Policy.predict``: ``num_steps`` sampler steps (None: the policy's), ``prefix (B, P, Da)``
-        actions the chunk must start with (inpainted); ``prefix_weights``: guided inpainting of the
-        prefix with these soft weights (real-time chunking; the server's ``guidance.predict_guided``);
-        ``seed``: this chunk from a fresh generator seeded so. ``generator`` must be None (module
-        docstring).
+        actions the chunk must start with (inpainted); ``prefix_weights`` ``(H,)`` or ``(B, H)``:
+        instead, guided inpainting toward the prefix with this soft mask (real-time chunking; the
+        server's ``guidance.predict_guided``, e.g. weights ``rtc_weights(H, d, s, start=To - 1)``),
+        with ``max_guidance`` (None: that function's default); ``seed``: this chunk from a fresh
+        generator seeded so. ``generator`` must be None (module docstring).
         """
         if generator is not None:
             raise TypeError("RemotePolicy.predict: a torch.Generator cannot be sent to the server; the "
@@ -235,6 +236,8 @@ class RemotePolicy:
             msg["prefix"] = np.asarray(_numpy(prefix), dtype=np.float32)
         if prefix_weights is not None:
             msg["prefix_weights"] = np.asarray(_numpy(prefix_weights), dtype=np.float32)
+        if max_guidance is not None:
+            msg["max_guidance"] = float(max_guidance)
         t0 = time.perf_counter()
         reply = self._request(msg)
         rtt = (time.perf_counter() - t0) * 1e3
@@ -258,7 +261,7 @@ class RemotePolicy:
         self.session = {**self.session, "seed": reply["seed"]}
         return int(reply["seed"])
 
-    def eval(self) -> "RemotePolicy":
+    def eval(self) -> RemotePolicy:
         return self  # the evaluation job calls policy.eval()
 
 

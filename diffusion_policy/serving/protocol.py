@@ -17,7 +17,8 @@ Conversation (``PROTOCOL_VERSION`` 1)::
                                                     (or error {code, message}, then close)
     predict {id, obs: {key: (B, To, ...)},   ->
              num_steps, prefix (B, P, Da),
-             prefix_weights, seed}
+             prefix_weights (H,) or (B, H),
+             max_guidance, seed}
                                              <-     chunk {id, actions (B, H, Da) float32,
                                                            count, timings: {decode_ms, queue_ms,
                                                            inference_ms}}
@@ -47,7 +48,7 @@ ALLOWED_KINDS = "biuf"  # numpy dtype kinds that may travel: bool, signed, unsig
 
 # request types a client may send after the handshake, and the fields each may carry
 REQUEST_FIELDS = {
-    "predict": {"type", "id", "obs", "num_steps", "prefix", "prefix_weights", "seed"},
+    "predict": {"type", "id", "obs", "num_steps", "prefix", "prefix_weights", "max_guidance", "seed"},
     "reset": {"type", "id", "seed"},
 }
 HELLO_FIELDS = {"type", "version", "token", "seed", "client"}
@@ -161,7 +162,7 @@ def unpack(data, max_bytes: int) -> dict:
         msg = msgpack.unpackb(data, raw=False, ext_hook=_no_ext, strict_map_key=True)
     except ProtocolError:
         raise
-    except Exception as e:  # msgpack raises several types (ExtraData, FormatError, ValueError...)
+    except (ValueError, TypeError, msgpack.UnpackException) as e:  # ExtraData, FormatError, StackError...
         raise ProtocolError("malformed", f"not a msgpack message ({type(e).__name__}: {e})") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise ProtocolError("malformed", "a message must be a msgpack map with a string 'type'")

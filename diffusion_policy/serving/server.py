@@ -152,7 +152,7 @@ class PolicyServer:
         self._serving = False
 
     # ------------------------------------------------------------------------------ lifecycle
-    def bind(self) -> "PolicyServer":
+    def bind(self) -> PolicyServer:
         """Open the listening socket (warning loudly when it is reachable without a token)."""
         if not is_loopback(self.host) and self.token is None:
             logger.warning("dp-serve: WARNING: listening on %s (%s) WITHOUT A TOKEN: anyone who can reach "
@@ -165,7 +165,7 @@ class PolicyServer:
                              open_timeout=self.handshake_timeout_s)
         return self
 
-    def start(self) -> "PolicyServer":
+    def start(self) -> PolicyServer:
         """Bind and serve from a background thread (tests, benchmarks, notebooks)."""
         if self._server is None:
             self.bind()
@@ -313,7 +313,7 @@ class PolicyServer:
             return P.error(e.code, str(e), request_id)
         except (ValueError, KeyError, TypeError) as e:  # the policy refused the request
             return P.error("bad_request", f"{type(e).__name__}: {e}", request_id)
-        except Exception as e:  # noqa: BLE001 - a failing policy must not take the server down
+        except Exception as e:
             logger.exception("dp-serve: session %d: predict failed", session.id)
             return P.error("internal", f"{type(e).__name__}: {e}", request_id)
 
@@ -340,6 +340,11 @@ class PolicyServer:
                                              "diffusion_policy.methods.guidance, which this server lacks")
             _check(isinstance(weights, np.ndarray) and weights.dtype == np.float32,
                    f"predict: prefix_weights must be a float32 array, got {_describe(weights)}")
+        max_guidance = msg.get("max_guidance")
+        if max_guidance is not None:
+            _check(weights is not None, "predict: max_guidance needs prefix_weights")
+            _check(isinstance(max_guidance, (int, float)) and not isinstance(max_guidance, bool)
+                   and max_guidance > 0, f"predict: max_guidance must be a number > 0, got {max_guidance!r}")
         generator = session.generator
         if seed is not None:  # this request alone; the session's generator is left as it is
             generator = torch.Generator(device=self.policy.device).manual_seed(seed)
@@ -348,10 +353,13 @@ class PolicyServer:
         with self._lock:
             t_start = time.perf_counter()
             if weights is not None:
+                # guided inpainting differentiates through the network: the plain policy, not a
+                # FastPredictor's graph (guidance.predict_guided validates the weights' shape)
                 dev = self.policy.device
+                kw = {} if max_guidance is None else {"max_guidance": float(max_guidance)}
                 out = self._guided(self.policy, {k: v.to(dev) for k, v in obs_t.items()},
                                    torch.from_numpy(prefix).to(dev), torch.from_numpy(weights).to(dev),
-                                   num_steps=num_steps, generator=generator)
+                                   num_steps=num_steps, generator=generator, **kw)
             else:
                 out = self.predictor.predict(obs_t, num_steps=num_steps, generator=generator,
                                              prefix=None if prefix is None else torch.from_numpy(prefix))

@@ -375,5 +375,9 @@ def test_client_reconnects_after_a_server_restart(policy):
     changed = "after reconnecting the server serves another policy \\(metadata \\['num_inference_steps'\\] changed\\)"
     with pytest.raises(RemoteError, match=changed):
         client.predict(obs)
-    assert client.reconnects == 1
     srv.close()
+    # the same config from another checkpoint is another policy too
+    with PolicyServer(policy, port=port, checkpoint="runs/x/checkpoints/step_0000200/policy"):
+        with pytest.raises(RemoteError, match="metadata \\['checkpoint'\\] changed"):
+            client.predict(obs)
+    assert client.reconnects == 1

@@ -35,6 +35,7 @@ through ``.detach().cpu().numpy()``).
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 
 import numpy as np
@@ -43,8 +44,9 @@ from websockets.sync.client import connect
 
 from diffusion_policy.serving import protocol as P
 
-# metadata fields that may differ between two runs of the same policy's server
-VOLATILE = ("device", "predictor", "checkpoint")
+# metadata fields that may differ between two runs of the same policy's server (the checkpoint
+# path is not one: another checkpoint of the same config is another policy)
+VOLATILE = ("device", "predictor")
 
 
 class RemoteError(RuntimeError):
@@ -95,6 +97,7 @@ class RemotePolicy:
         self.last_timings: dict = {}
         self._ids = itertools.count(1)
         self._conn = None
+        self._lock = threading.Lock()  # one request at a time (a control loop's worker and its main thread)
         self._connect()
         m = self.metadata
         self.obs_keys: list = list(m["obs_keys"])
@@ -193,6 +196,10 @@ class RemotePolicy:
             return msg
 
     def _request(self, msg: dict) -> dict:
+        with self._lock:
+            return self._exchange(msg)
+
+    def _exchange(self, msg: dict) -> dict:
         msg["id"] = next(self._ids)
         data = P.pack(msg)
         if len(data) > self.max_message_bytes:

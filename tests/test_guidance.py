@@ -268,8 +268,10 @@ def _mode_of_suffix(x: torch.Tensor, lo: int) -> torch.Tensor:
 @pytest.mark.parametrize("family", ["flow", "ddim"])
 def test_guidance_pulls_the_chunk_into_the_mode_of_the_prefix(family):
     """Measured (N = 400, 10 steps): unguided, the frozen segment is 0.71 from the prefix and 29% of
-    the suffixes are in its mode; replacing the same 3 actions: 72-73%; guided with the soft mask
-    (1 past + 2 frozen actions, decaying over 3 more): error 0.10 and 88-89% in the prefix's mode."""
+    the suffixes are in its mode; replacing the same 3 actions: 72-73%, the first free action 0.34-0.35
+    from the prefix mode's; guided with the soft mask (1 past + 2 frozen actions, decaying over 3
+    more): error 0.10, 88-89% in the prefix's mode, first free action 0.15 off; with beta = 50 the
+    frozen error falls to 0.03 (flow) and 0.07 (DDIM)."""
     if family == "flow":
         method, net = FlowMatching("beta", "euler", 10), ExactFlowNet(BIMODAL)
     else:
@@ -292,9 +294,14 @@ def test_guidance_pulls_the_chunk_into_the_mode_of_the_prefix(family):
     agree_replaced = (_mode_of_suffix(replaced, F) == 0).float().mean().item()
     agree_guided = (_mode_of_suffix(guided, F) == 0).float().mean().item()
     assert agree_guided > 0.85 and agree_replaced < 0.78, (agree_guided, agree_replaced)
-    # continuity: the first free action continues the prefix (the modes are 1.0 apart there)
-    jump = (guided[:, F] - Y[:, F]).abs().mean().item()
-    assert jump < 0.25, jump
+    # continuity: the first free action continues the prefix's mode (the modes are 1.0 apart there)
+    jump_guided = (guided[:, F] - Y[:, F]).abs().mean().item()
+    jump_replaced = (replaced[:, F] - Y[:, F]).abs().mean().item()
+    assert jump_guided < 0.6 * jump_replaced, (jump_guided, jump_replaced)
+    # a larger clip (beta) lets more guidance through near pure noise and near the data
+    strong = guided_sample(method, net, cond, (N, HM, DA), Y, W, generator=gen(), max_guidance=50.0)
+    err_strong = (strong[:, :F] - Y[:, :F]).abs().mean().item()
+    assert err_strong < 0.8 * err_guided, (err_strong, err_guided)
 
 
 # ------------------------------------------------------------------- the policy entry point and errors

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -49,7 +50,7 @@ class DeployError(RuntimeError):
 
 def check(cfg: DeployConfig) -> None:
     """Options checked before anything is loaded (one line naming the key)."""
-    choices = {"policy": ("local", "remote"), "clock": ("wall", "sim"), "mode": MODES,
+    choices = {"policy_source": ("local", "remote"), "clock": ("wall", "sim"), "mode": MODES,
                "transition": TRANSITIONS, "inference": INFERENCE}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
@@ -57,7 +58,7 @@ def check(cfg: DeployConfig) -> None:
     if isinstance(cfg.robot, str) and cfg.robot != "sim":
         raise ConfigError(f"robot={cfg.robot!r}: only robot=sim is built in; a real robot is an adapter of the "
                           f"Robot protocol (diffusion_policy/control/robot.py) passed to deploy(cfg, robot=...)")
-    if cfg.policy == "local" and not cfg.checkpoint:
+    if cfg.policy_source == "local" and not cfg.checkpoint:
         raise ConfigError("checkpoint= is required with policy=local (a run, checkpoint or policy directory)")
     if cfg.episodes < 1 or not 0 <= cfg.seed <= SEED_RANGE - cfg.episodes:
         raise ConfigError(f"episodes={cfg.episodes}, seed={cfg.seed}: need episodes >= 1 and seed + episodes "
@@ -89,7 +90,7 @@ def build_predictor(policy, inference: str):
     if not cuda:
         raise DeployError("inference=fast needs a CUDA device (FastPredictor's fused kernels and CUDA graphs); "
                           "use inference=compile or eager on a CPU")
-    return FastPredictor(policy, dtype="bf16", fused=hasattr(policy.net, "sampling_layout"))
+    return FastPredictor(policy, dtype="bf16", fused=FastPredictor.can_fuse(policy))
 
 
 def _task_named(name: str) -> TaskConfig:
@@ -100,7 +101,7 @@ def _task_named(name: str) -> TaskConfig:
 
 def _load(cfg: DeployConfig, device):
     """(policy object, TaskConfig, label)."""
-    if cfg.policy == "remote":
+    if cfg.policy_source == "remote":
         from diffusion_policy.serving.client import RemotePolicy
 
         token = cfg.token or os.environ.get("DP_SERVE_TOKEN") or None
@@ -163,13 +164,14 @@ def deploy(cfg: DeployConfig, robot=None, clock=None) -> dict:
     safety = Safety(space.low, space.high, max_delta=cfg.max_delta, workspace_low=cfg.workspace_low,
                     workspace_high=cfg.workspace_high, obs_deadline=cfg.obs_deadline_s,
                     chunk_deadline=cfg.chunk_deadline_s, max_faults=cfg.max_faults)
-    predictor = policy if cfg.policy == "remote" else build_predictor(policy, cfg.inference)
+    predictor = policy if cfg.policy_source == "remote" else build_predictor(policy, cfg.inference)
     latency = None
     if cfg.inference_latency_ms is not None or cfg.inference_jitter_ms:
         latency = Latency((cfg.inference_latency_ms or 0.0) / 1e3, cfg.inference_jitter_ms / 1e3, seed=cfg.seed)
     out = Path(cfg.out or f"rollouts/deploy/{task.name}/{label}")
     out.mkdir(parents=True, exist_ok=True)
     store = EpisodeStore.create(out / "episodes.zarr", exist_ok=True)
+    _record_provenance(out / "episodes.zarr", task, label, cfg)
     max_steps = cfg.max_steps or task.max_episode_steps
     last_status = [-1e9]
     totals = {"dropped": 0, "interventions": 0, "inference_ms": []}
@@ -204,7 +206,7 @@ def deploy(cfg: DeployConfig, robot=None, clock=None) -> dict:
         with open(out / "episodes.jsonl", "a") as f_ep, open(out / "events.jsonl", "a") as f_ev:
             for ep in range(cfg.episodes):
                 seed = EVAL_SEED_BASE + cfg.seed + ep
-                gen = None if cfg.policy == "remote" else torch.Generator(device=device).manual_seed(seed)
+                gen = None if cfg.policy_source == "remote" else torch.Generator(device=device).manual_seed(seed)
                 n_events = len(safety.events)
                 try:
                     rec, rows = loop.run_episode(max_steps, seed=seed, generator=gen)
@@ -233,7 +235,7 @@ def deploy(cfg: DeployConfig, robot=None, clock=None) -> dict:
         robot.stop()
         if owns_robot:
             robot.close()
-        if cfg.policy == "remote":
+        if cfg.policy_source == "remote":
             policy.close()
     if tty and cfg.status_every_s > 0:
         print(file=sys.stderr)
@@ -243,6 +245,20 @@ def deploy(cfg: DeployConfig, robot=None, clock=None) -> dict:
     if interrupted:
         raise KeyboardInterrupt
     return summary
+
+
+def _record_provenance(path: Path, task: TaskConfig, label: str, cfg: DeployConfig) -> None:
+    """Root attributes as dp-collect writes them (env id first: dp-train checks it), so a
+    deployment log trains like demonstrations; appending to a log of another env is refused."""
+    import zarr
+
+    group = zarr.open_group(zarr.storage.LocalStore(path), mode="r+")
+    have = group.attrs.get("env_id")
+    if have is not None and have != task.env_id:
+        raise DeployError(f"{path}: holds episodes of {have}, this run deploys on {task.env_id}; use another out=")
+    group.attrs.update({"env_id": task.env_id, "env_kwargs": dict(task.env_kwargs), "task": task.name,
+                        "source": "dp-deploy", "checkpoint": label, "mode": cfg.mode, "transition": cfg.transition,
+                        "action": "the action executed by the robot (commanded_action: the policy's plan)"})
 
 
 def _main_thread() -> bool:
@@ -283,9 +299,23 @@ def summary_text(s: dict) -> str:
             f"{s['safety']['hold']} holds, {s['safety']['stop']} stops | log {s['out']}/episodes.zarr")
 
 
+def overrides(argv) -> list[str]:
+    """``policy=local|remote`` -> ``policy_source=...`` (``policy`` is also a config group's name)."""
+    return [re.sub(r"^policy=(local|remote)$", r"policy_source=\1", a) for a in argv]
+
+
+def compose_deploy(argv=()) -> DeployConfig:
+    """``configs/deploy.yaml`` with command-line overrides, as ``dp-deploy`` reads them."""
+    from diffusion_policy.config import compose
+
+    return compose("deploy", overrides(argv))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: ``dp-deploy key=value ...`` (hydra overrides on configs/deploy.yaml)."""
     from diffusion_policy.config import run_cli
+
+    argv = overrides(sys.argv[1:] if argv is None else argv)
     from diffusion_policy.data.store import StoreError
     from diffusion_policy.rollout import EvalError
 

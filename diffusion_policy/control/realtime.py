@@ -391,7 +391,8 @@ class RealtimeLoop:
         plan, before safety), ``sent_action`` (after safety), ``commanded`` (0: nothing was sent
         for the step; both then repeat ``action``), ``timestamp`` (``T_k``), ``obs_age_ms`` (when
         the loop first saw the observation, -1 = never), ``inference_ms`` (latency of the chunk
-        the step's action came from, -1 = none), ``held``, ``safety_events``, ``dropped``."""
+        the step's action came from, -1 = none), ``held`` (the step executed no waypoint of its own:
+        the robot held, or moved between other waypoints), ``safety_events``, ``dropped``."""
         n = self.n_rows(max_steps)
         if n == 0 or not self.frames:
             return {}

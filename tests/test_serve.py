@@ -283,6 +283,11 @@ def test_bad_requests_get_error_replies_and_the_server_keeps_serving(server, pol
         other.predict({"state": np.zeros((1, TO, D), np.int64)})
     with pytest.raises(ValueError, match=f"predict request of \\d+ bytes exceeds max_message_bytes={LIMIT}"):
         RemotePolicy(server.url, max_message_bytes=LIMIT).predict({"state": np.zeros((1, TO, 10000), np.float32)})
+    # a client with a larger limit than the server's: the server's error reply (it has no request id)
+    big = RemotePolicy(server.url, max_message_bytes=4 * LIMIT)
+    with pytest.raises(RemoteRequestError, match=f"too_large: message of \\d+ bytes exceeds max_message_bytes={LIMIT}"):
+        big.predict({"state": np.zeros((1, TO, 10000), np.float32)})  # 80 KB
+    big.close()
     other.close()
 
 

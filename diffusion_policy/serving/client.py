@@ -186,7 +186,10 @@ class RemotePolicy:
             except TimeoutError:
                 raise RemoteTimeoutError(f"{self.url}: no reply within timeout_s={self.timeout_s}") from None
             msg = P.unpack(data, self.max_message_bytes)
-            if request_id is not None and msg.get("id") != request_id:
+            # a reply to an older request that timed out; an error without an id (the server could
+            # not read the request, e.g. too large for its own limit) is this request's
+            if request_id is not None and msg.get("id") != request_id and not (
+                    msg["type"] == "error" and msg.get("id") is None):
                 continue
             if msg["type"] == "error":
                 code, text = msg.get("code", ""), f"{self.url}: {msg.get('code')}: {msg.get('message')}"

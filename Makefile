@@ -1,6 +1,6 @@
 # Two commands do all of the set-up on a fresh Debian machine with Python 3.11:
 #   make demo   collect demonstrations, train, evaluate, write rollouts/ (default task, CPU)
-#   make test   run the test suite
+#   make test   lint (ruff, configured in pyproject.toml), then run the test suite
 PY ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
@@ -33,6 +33,7 @@ demo: setup
 	$(BIN)/dp-demo
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 clean:

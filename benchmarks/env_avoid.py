@@ -28,6 +28,7 @@ import numpy as np
 
 from diffusion_policy.collect import make_env, run_episode
 from diffusion_policy.config import COLLECT_SEED_BASE, EVAL_SEED_BASE, CollectConfig, compose
+
 from envbench import steps_per_second
 
 

@@ -23,10 +23,11 @@ import time
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 import numpy as np  # noqa: E402
-from envbench import steps_per_second  # noqa: E402
 
 from diffusion_policy.collect import make_env, run_episode  # noqa: E402
 from envs.experts import make_expert  # noqa: E402
+
+from envbench import steps_per_second  # noqa: E402
 
 
 def expert_rollouts(obs_mode: str, seeds: range) -> dict:
@@ -47,9 +48,8 @@ def expert_rollouts(obs_mode: str, seeds: range) -> dict:
 def gl_renderer_name() -> str:
     """The OpenGL renderer string (e.g. llvmpipe = Mesa on the CPU)."""
     try:
-        from OpenGL import GL
-
         import mujoco
+        from OpenGL import GL
 
         ctx = mujoco.GLContext(8, 8)
         ctx.make_current()

@@ -35,6 +35,7 @@ import numpy as np
 from diffusion_policy.collect import make_env, run_episode
 from diffusion_policy.config import COLLECT_SEED_BASE
 from diffusion_policy.report import wilson_interval
+
 from envbench import steps_per_second
 
 TABLE = 0.25  # half-width of the table: v1's walls start here

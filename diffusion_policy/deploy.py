@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from diffusion_policy.checkpoint import CheckpointError, load_policy, resolve_checkpoint
-from diffusion_policy.config import EVAL_SEED_BASE, SEED_RANGE, ConfigError, DeployConfig, as_dict, typed, TaskConfig
+from diffusion_policy.config import EVAL_SEED_BASE, SEED_RANGE, ConfigError, DeployConfig, TaskConfig, as_dict, typed
 from diffusion_policy.control.clock import make_clock
 from diffusion_policy.control.realtime import MODES, TRANSITIONS, RealtimeLoop
 from diffusion_policy.control.safety import Safety

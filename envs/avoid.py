@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from envs.rendering import make_renderer  # first: it chooses MUJOCO_GL before mujoco is imported
+
 import mujoco
+import numpy as np
 from gymnasium import spaces
 from gymnasium.envs.mujoco.mujoco_env import MujocoEnv
 

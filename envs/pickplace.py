@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from envs.rendering import make_renderer  # first: it chooses MUJOCO_GL before mujoco is imported
+
 import gymnasium as gym
 import mujoco
 import numpy as np

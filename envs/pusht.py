@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from envs.rendering import make_renderer  # first: it chooses MUJOCO_GL before mujoco is imported
+
 import gymnasium as gym
+import mujoco
 import numpy as np
 from gymnasium import spaces
-
-from envs.rendering import make_renderer  # first: it chooses MUJOCO_GL before mujoco is imported
-import mujoco
 
 from envs import geometry
 

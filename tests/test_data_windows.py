@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from diffusion_policy.data.store import EpisodeStore
-from diffusion_policy.data.windows import (WindowDataset, WindowSampler, make_datasets, make_loader,
-                                           split_episodes)
+from diffusion_policy.data.windows import WindowDataset, WindowSampler, make_datasets, make_loader, split_episodes
 
 LENGTHS = [6, 10, 4, 1]
 ENDS = np.cumsum(LENGTHS)
@@ -112,7 +111,7 @@ def test_split_episodes():
 def test_dataset_and_loader_gather_once_per_batch(tmp_path):
     store = EpisodeStore.create(tmp_path / "w.zarr")
     a = arrays()
-    for i, (s0, s1) in enumerate(zip(np.r_[0, ENDS[:-1]], ENDS)):
+    for s0, s1 in zip(np.r_[0, ENDS[:-1]], ENDS):
         store.add_episode({k: v[s0:s1] for k, v in a.items()})
     store = EpisodeStore.open(tmp_path / "w.zarr")  # images lazy
     train, val = make_datasets(store, 8, 2, 4, ["state", "image"], val_ratio=0.25, seed=0)

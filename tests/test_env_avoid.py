@@ -11,6 +11,7 @@ import envs  # noqa: F401  (registers dp/*)
 from envs.avoid import AGENT_RADIUS, OBSTACLE_RADIUS
 from envs.experts import EXPERTS, make_expert
 from envs.experts.avoid import AvoidExpert
+
 from conftest import check_env_without_warnings, needs_gl
 
 

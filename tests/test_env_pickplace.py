@@ -11,6 +11,7 @@ import envs  # noqa: F401  (registers dp/*)
 from envs.experts import EXPERTS, make_expert
 from envs.experts.pickplace import PickPlaceExpert, grasp_yaw
 from envs.pickplace import PickPlaceEnv
+
 from conftest import check_env_without_warnings, needs_gl
 
 

@@ -5,16 +5,16 @@ import os
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 import gymnasium as gym
+import mujoco
 import numpy as np
 import pytest
-
-import mujoco
 
 import envs  # noqa: F401  (registers dp/*)
 from envs import geometry
 from envs.experts import EXPERTS, make_expert
 from envs.experts.pusht import PushTExpert
 from envs.pusht import TARGET_POSE, UNIT, PushTEnv, PushTWallsEnv
+
 from conftest import check_env_without_warnings, needs_gl
 
 

@@ -3,9 +3,10 @@ import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
+import envs.rendering as rendering  # noqa: E402
+
 import pytest  # noqa: E402
 
-import envs.rendering as rendering  # noqa: E402
 from envs.avoid import AvoidEnv  # noqa: E402
 from envs.pickplace import PickPlaceEnv  # noqa: E402
 from envs.pusht import PushTEnv  # noqa: E402

@@ -28,7 +28,6 @@ import itertools
 import threading
 import time
 
-
 EPS = 1e-9  # SimClock: a tick within this of ``t`` counts as at ``t`` (grid times computed two ways)
 
 

@@ -85,7 +85,8 @@ def main() -> None:
                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
         if device.type == "cuda":
             machine["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
-        print(f"\n{machine}\n| dtype | split | calls | MB | ms | algbw GB/s | busbw GB/s |\n|---|---|---|---|---|---|---|")
+        print(f"\n{machine}\n| dtype | split | calls | MB | ms | algbw GB/s | busbw GB/s |\n"
+              "|---|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['dtype']} | {r['split']} | {r['calls']} | {r['MB']} | {r['ms']} | {r['algbw_GBps']} | "
                   f"{r['busbw_GBps']} |", flush=True)

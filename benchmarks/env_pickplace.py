@@ -72,7 +72,8 @@ def main() -> None:
     print(f"MUJOCO_GL={os.environ['MUJOCO_GL']}, GL renderer: {gl_renderer_name()}, "
           f"LP_NUM_THREADS={os.environ.get('LP_NUM_THREADS', 'unset')}")
     for mode, n in (("state", args.steps), ("image", args.steps // 4)):
-        print(f"random actions, obs_mode={mode}: {steps_per_second('dp/PickPlace-v0', {'obs_mode': mode}, n):.0f} env steps/s")
+        sps = steps_per_second("dp/PickPlace-v0", {"obs_mode": mode}, n)
+        print(f"random actions, obs_mode={mode}: {sps:.0f} env steps/s")
     r = expert_rollouts("state", range(args.seeds))
     print(f"expert, obs_mode=state, seeds 0..{args.seeds - 1}: success {r['success_rate']:.1%} "
           f"(failed: {r['failed_seeds']}), steps/episode mean {r['mean_len']:.1f} max "

@@ -146,7 +146,8 @@ def main() -> None:
                 r = {"config": name, "dtype": "bf16" if bf16 else "fp32", "compiled": compiled, "error": repr(e)[:200]}
             rows.append(r)
             print(json.dumps(r), flush=True)
-    machine = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+    machine = {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
+               else platform.processor() or platform.machine(),
                "torch": torch.__version__, "threads": torch.get_num_threads()}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -126,7 +126,8 @@ class ExternalEnv(gym.Wrapper, gym.utils.RecordConstructorArgs):
         obs_space = {k: box(b) for k, b in leaves.items()}
         for name, (start, stop) in self.obs_slices.items():
             if "state" not in leaves or len(leaves["state"].shape) != 1:
-                raise ValueError(f"ExternalEnv: obs_slices need a flat Box observation ('state'), got keys {list(leaves)}")
+                raise ValueError(f"ExternalEnv: obs_slices need a flat Box observation ('state'), "
+                                 f"got keys {list(leaves)}")
             if name in obs_space or not 0 <= start < stop <= leaves["state"].shape[0]:
                 raise ValueError(f"ExternalEnv: obs_slices[{name!r}] = [{start}, {stop}] is not a new key "
                                  f"and a slice of state (dim {leaves['state'].shape[0]})")

@@ -18,7 +18,7 @@ from conftest import check_env_without_warnings, needs_gl
 def rollout(env, expert, seed, max_steps=100):
     obs, info = env.reset(seed=seed)
     expert.reset(env, np.random.default_rng(seed))
-    for t in range(max_steps):
+    for t in range(max_steps):  # noqa: B007  (t is read after the loop: the episode's length)
         obs, reward, terminated, truncated, info = env.step(expert.act(env))
         if terminated or truncated:
             break

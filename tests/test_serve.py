@@ -181,6 +181,33 @@ def test_guided_inpainting_is_served_as_predict_guided(server, policy):
             client.predict(obs, prefix_weights=weights)
 
 
+def test_images_travel_as_uint8_and_ddpm_draws_from_the_session(policy):
+    """A camera policy: uint8 (B, To, H, W, 3) windows; DDPM draws noise at every step, from the
+    session generator as the local call does from its own."""
+    from diffusion_policy.config import ObsEncoderConfig
+
+    torch.manual_seed(0)
+    task = TaskConfig(name="toy_image", env_id="none", obs_keys=["image", "pos"], image_keys=["image"],
+                      horizon=H, n_obs_steps=TO, n_action_steps=TA)
+    rng = np.random.default_rng(0)
+    normalizer = Normalizer.fit({"pos": rng.normal(size=(50, 2)), "action": rng.normal(size=(50, DA))},
+                                {"pos": "minmax", "action": "minmax", "image": "image"})
+    cfg = PolicyConfig(name="mlp", hidden_dims=[32, 32],
+                       obs_encoder=ObsEncoderConfig(image_feature_dim=8, backbone_width=8))
+    camera = Policy.build(task, cfg, MethodConfig(name="diffusion", scheduler="ddpm", num_inference_steps=4),
+                          normalizer, {"image": (16, 16, 3), "pos": (2,)}, DA).eval()
+    obs = {"image": rng.integers(0, 256, (2, TO, 16, 16, 3), dtype=np.uint8),
+           "pos": rng.normal(size=(2, TO, 2)).astype(np.float32)}
+    with PolicyServer(camera, port=0) as srv, RemotePolicy(srv.url, seed=6) as client:
+        assert client.metadata["dtypes"] == {"image": "uint8", "pos": "float32"}
+        assert client.metadata["stochastic"] is True and client.image_keys == ["image"]
+        g = torch.Generator().manual_seed(6)
+        for _ in range(2):
+            assert np.array_equal(client.predict(obs), local(camera, obs, g))
+        with pytest.raises(RemoteRequestError, match="obs\\['image'\\] has dtype float32, expected uint8"):
+            client.predict({**obs, "image": obs["image"].astype(np.float32)})
+
+
 def test_generators_are_refused_clearly(server):
     with RemotePolicy(server.url) as client:
         for gen in (torch.Generator(), [torch.Generator(), torch.Generator()]):

@@ -119,3 +119,12 @@ def test_serve_config_defaults_are_loopback_without_token():
     cfg = compose("serve", ["checkpoint=x"])
     assert cfg == ServeConfig(checkpoint="x")
     assert (cfg.host, cfg.port, cfg.token, cfg.max_message_bytes) == ("127.0.0.1", 8765, "", 16 * 2**20)
+
+
+def test_cpu_predictor_is_the_policy_or_its_compiled_fast_path():
+    from diffusion_policy.inference import FastPredictor
+
+    policy = make_policy()
+    assert serve.build_predictor(policy, ServeConfig(checkpoint="x")) is policy
+    fast = serve.build_predictor(policy, ServeConfig(checkpoint="x", compile=True))
+    assert isinstance(fast, FastPredictor) and fast.policy is policy and not fast.cuda_graph

@@ -4,9 +4,10 @@ an earlier commit against the working tree's, alternated, each timed as a whole 
 
     python3 benchmarks/fused_compare.py --ref 621cb66          # in a git checkout, on CUDA
 
-The reference's ``diffusion_policy/nets/fused_unet.py`` and ``fused_kernels.py`` are read with
-``git show REF:path`` into two modules in a temporary folder and stand in for the current ones while its
-predictor is built; everything else (the policy, the methods, ``FastPredictor``) is the working
+The reference's ``fused_unet.py`` and ``fused_kernels.py`` (in ``diffusion_policy/fast/``, or
+``diffusion_policy/nets/`` for commits before the fast package) are read with ``git show REF:path``
+into two modules in a temporary folder and stand in for the current ones while its predictor is
+built; everything else (the policy, the methods, ``FastPredictor``) is the working
 tree's, so the difference is the kernels and their plan alone. Separate processes move the same
 code's figure by more than the repeats inside one do (``benchmarks/sampling.md``): compare
 within one run of this script.
@@ -27,27 +28,37 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sampling_latency import SAMPLERS, SHAPES, TO, build_policy, time_calls  # noqa: E402
 
-import diffusion_policy.nets.fused_unet as current  # noqa: E402
+import diffusion_policy.fast.fused_unet as current  # noqa: E402
 from diffusion_policy.inference import FastPredictor  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNELS = "diffusion_policy.nets.fused_kernels"
+FOLDERS = ("diffusion_policy/fast", "diffusion_policy/nets")  # where the files are, newest first
+
+
+def git_show(ref: str, path: str) -> str | None:
+    done = subprocess.run(["git", "show", f"{ref}:{path}"], cwd=ROOT, capture_output=True, text=True)
+    return done.stdout if done.returncode == 0 else None
 
 
 def load_ref(ref: str, folder: Path):
     """The fused planner of commit ``ref`` as a module, importing that commit's kernels."""
     name = "fused_ref_" + re.sub(r"\W", "_", ref)
+    where = next((f for f in FOLDERS if git_show(ref, f"{f}/fused_unet.py") is not None), None)
+    if where is None:
+        raise SystemExit(f"--ref {ref}: git show found no fused_unet.py in {' or '.join(FOLDERS)}")
+    kernels = where.replace("/", ".") + ".fused_kernels"
     for path, mod in (("fused_kernels.py", f"{name}_kernels"), ("fused_unet.py", name)):
-        try:
-            src = subprocess.run(["git", "show", f"{ref}:diffusion_policy/nets/{path}"], cwd=ROOT,
-                                 capture_output=True, text=True, check=True).stdout
-        except subprocess.CalledProcessError as e:
-            raise SystemExit(f"--ref {ref}: git show found no diffusion_policy/nets/{path} ({e.stderr.strip()})")
+        src = git_show(ref, f"{where}/{path}")
+        if src is None:
+            raise SystemExit(f"--ref {ref}: git show found no {where}/{path}")
         if path == "fused_unet.py":
-            if f"from {KERNELS} import" not in src:
-                raise SystemExit(f"--ref {ref}: its fused_unet.py has no 'from {KERNELS} import' line, "
+            if f"from {kernels} import" not in src:
+                raise SystemExit(f"--ref {ref}: its fused_unet.py has no 'from {kernels} import' line, "
                                  "expected one (the planner imports its kernels from there)")
-            src = src.replace(f"from {KERNELS} import", f"from {name}_kernels import")
+            src = src.replace(f"from {kernels} import", f"from {name}_kernels import")
+            # planners from before the fast package asked the UNet for its blocks
+            src = src.replace("net._blocks()", "__import__('diffusion_policy.fast.tokens', "
+                                               "fromlist=['film_blocks']).film_blocks(net)")
         file = folder / f"{mod}.py"
         file.write_text(src)
         spec = importlib.util.spec_from_file_location(mod, file)
@@ -59,7 +70,7 @@ def load_ref(ref: str, folder: Path):
 
 def measure(module, policy, obs, calls: int) -> tuple[np.ndarray, np.ndarray]:
     """(predict times, replay times) with ``module`` as the fused planner."""
-    sys.modules[current.__name__] = module  # the UNet imports fused_sampler from here at each call
+    sys.modules[current.__name__] = module  # UnetSampler imports FusedUnet from here when it plans
     try:
         fast = FastPredictor(policy, dtype="bf16", fused=True)  # its own copy of the net: plans anew
         dev = torch.device("cuda")

@@ -29,9 +29,8 @@ import torch
 from sampling_latency import SAMPLERS, SHAPES, TO, build_policy
 from torch.profiler import ProfilerActivity, profile
 
+from diffusion_policy.fast.fused_unet import PDL_MODES, FusedUnet
 from diffusion_policy.inference import FastPredictor
-from diffusion_policy.nets.fused_unet import PDL_MODES, FusedUnet, fused_sampler
-
 
 DEFAULTS = {k: getattr(FusedUnet, k) for k in ("pdl", "block_n_wide", "wide_channels")}
 
@@ -90,7 +89,7 @@ def kernel_table(fast, obs) -> None:
         torch.cuda.synchronize()
     kernels = sorted([e for e in prof.events() if e.device_type.name == "CUDA"], key=lambda e: e.time_range.start)
     conv = [e for e in kernels if "conv_kernel" in e.name]
-    launches, _ = fused_sampler(fast.net)._plan(16)
+    launches, _ = fast.sampler.fused_unet()._plan(16)
     n = len(launches)
     step = conv[n : 2 * n]  # the second network call
     t0 = step[0].time_range.start
@@ -122,7 +121,7 @@ def ncu_call(policy, dtype: str, config: str) -> None:
     fast.predict(obs, num_steps=1)
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStop()
-    for ln in fused_sampler(fast.net)._plan(16)[0]:
+    for ln in fast.sampler.fused_unet()._plan(16)[0]:
         c = ln.consts
         print(f"in {c['CA']}+{c['CB']} out {ln.O} L {ln.a.L}->{ln.L_out} k{c['KT']} BK {c['BK']} "
               f"split {ln.split} tiles {ln.w.shape[0]}{'+skip' if ln.ws is not None else ''}")
@@ -132,7 +131,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--calls", type=int, default=100)
-    p.add_argument("--configs", nargs="+", default=["128:4"], help="block_k:num_warps[:pdl[:block_n_wide[:partials[:wide_channels]]]]")
+    p.add_argument("--configs", nargs="+", default=["128:4"],
+                   help="block_k:num_warps[:pdl[:block_n_wide[:partials[:wide_channels]]]]")
     p.add_argument("--ncu", action="store_true", help="one network call for Nsight Compute (first config)")
     p.add_argument("--all", action="store_true", help="breakdown and kernel table for every config, not just the best")
     args = p.parse_args()

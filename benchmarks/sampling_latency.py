@@ -9,11 +9,12 @@ is a whole ``predict``: normalize the observation window, encode it, run the sam
 unnormalize the chunk.
 
 Modes (``--modes``; on CPU only ``direct``, ``eager`` and ``compile`` apply):
-- ``direct``: ``Policy.predict`` as it is without compilation: the UNet's ``forward`` at every
-  step (direct convolutions, FiLM recomputed per step).
-- ``eager``: ``Policy.predict`` through the UNet's sampling path op by op (FiLM tables once per
-  chunk, each convolution one wide matrix product plus elementwise work), uncompiled.
-- ``compile``: :class:`FastPredictor` with ``torch.compile`` of the per-step trunk; no graph.
+- ``direct``: ``Policy.predict``, the reference: the method's loop with the UNet's ``forward`` at
+  every step (direct convolutions, FiLM recomputed per step, diffusers' scheduler step).
+- ``eager``: :class:`FastPredictor` with ``layout="tokens"``: the method's sampling plan with the
+  UNet's tokens layout op by op (FiLM tables once per chunk, each convolution one wide matrix
+  product plus elementwise work), uncompiled.
+- ``compile``: :class:`FastPredictor` with ``torch.compile`` of the tokens layout's per-step trunk; no graph.
 - ``graph``: :class:`FastPredictor` without compile, the whole ``predict`` captured in one CUDA
   graph per shape (static inputs; a call copies the observation and noise in and replays).
 - ``compile+graph``: both (what a robot's control loop should use on a GPU).
@@ -44,9 +45,9 @@ import torch
 
 from diffusion_policy.config import MethodConfig, PolicyConfig, TaskConfig
 from diffusion_policy.data.normalize import Normalizer
+from diffusion_policy.fast.runner import UnetSampler
 from diffusion_policy.inference import FastPredictor
 from diffusion_policy.methods import build_method
-from diffusion_policy.nets.unet1d import ConditionalUnet1D
 from diffusion_policy.policy import Policy
 
 H, TO, TA, DA = 16, 2, 8, 2
@@ -104,25 +105,22 @@ def time_calls(run, obs, device, warmup: int, calls: int) -> tuple[list[float], 
 
 
 def get_predictor(policy, cache: dict, mode: str, dtype_name: str):
-    """The predictor for a row: ``Policy.predict`` itself (``direct``: the UNet's ``forward`` per
-    step; ``eager``: its sampling path op by op; a bf16 copy through :class:`FastPredictor`), or
-    a :class:`FastPredictor` with compile and/or CUDA graph, built once per (mode, precision) and
+    """The predictor for a row: ``Policy.predict`` itself (``direct`` in fp32), or a
+    :class:`FastPredictor` (``direct`` in bf16: the reference loop with a bf16 copy; ``eager``:
+    the tokens layout op by op; compile, CUDA graph, fused), built once per (mode, precision) and
     shared by the samplers (a compiled trunk is reused; graphs are captured per sampler)."""
     key = (mode, dtype_name)
     if key not in cache:
-        if mode in ("eager", "direct") and dtype_name == "fp32":
+        if mode == "direct" and dtype_name == "fp32":
             cache[key] = policy
         else:
             compiled = ("max-autotune-no-cudagraphs" if "autotune" in mode else "compile" in mode)
+            layout = {"direct": "reference", "eager": "tokens"}.get(mode)
             cache[key] = FastPredictor(policy, dtype=dtype_name, compile=compiled, cuda_graph="graph" in mode,
-                                       fused="fused" in mode)
+                                       fused="fused" in mode, layout=layout)
     pred = cache[key]
     if isinstance(pred, FastPredictor):
         pred.reset()  # the sampler changed: capture again
-    if mode in ("direct", "eager"):  # op by op: the network's forward, or its sampling path
-        nets = [policy.net] + ([pred.net] if isinstance(pred, FastPredictor) else [])
-        for net in nets:
-            net.sampling_layout = "direct" if mode == "direct" else "tokens"
     return pred
 
 
@@ -161,7 +159,8 @@ def main() -> None:
     p.add_argument("--preset", choices=list(PRESETS), default="default")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (CPU runs)")
     p.add_argument("--samplers", nargs="+", choices=list(SAMPLERS), default=list(SAMPLERS))
-    p.add_argument("--modes", nargs="+", default=None, choices=["direct", "eager", "compile", "graph", "compile+graph", "fused+graph", "autotune+graph"],
+    p.add_argument("--modes", nargs="+", default=None,
+                   choices=["direct", "eager", "compile", "graph", "compile+graph", "fused+graph", "autotune+graph"],
                    help="direct eager compile graph compile+graph (default: direct and eager on CPU, all on CUDA)")
     p.add_argument("--batch", nargs="+", type=int, default=[1], help="batch sizes (chunks per call)")
     p.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=None,
@@ -172,7 +171,7 @@ def main() -> None:
                    help="JSON path (default: $OUT, else the temp folder, /sampling_<device>_<preset>.json)")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failing modes")
     p.add_argument("--fused-max-batch", type=int, default=None,
-                   help="largest batch the fused mode runs fused (ConditionalUnet1D.fused_max_batch; "
+                   help="largest batch the fused mode runs fused (UnetSampler.fused_max_batch; "
                         "above it the compiled layout's path runs); to measure where the two cross")
     p.add_argument("--profile", nargs="*", default=None, metavar="MODE",
                    help="after the table, profile 5 batch-1 DDIM-10 calls of each named mode (first of "
@@ -197,7 +196,7 @@ def main() -> None:
         machine = f"{cpu_model()}, {torch.get_num_threads()} torch threads"
 
     if args.fused_max_batch is not None:
-        ConditionalUnet1D.fused_max_batch = args.fused_max_batch
+        UnetSampler.fused_max_batch = args.fused_max_batch
     rows = []
     policy = build_policy(args.preset, SAMPLERS[args.samplers[0]][0], device)
     cache: dict = {}
@@ -233,8 +232,8 @@ def main() -> None:
             print(f"| {r['batch']} | {r['sampler']} | {r['steps']} | {r['mode']} | {r['dtype']} | "
                   f"failed: {r['error'][:80]} | |")
         else:
-            print(f"| {r['batch']} | {r['sampler']} | {r['steps']} | {r['mode']} | {r['dtype']} | {r['median_ms']:.3f} | "
-                  f"{r['p99_ms']:.3f} |")
+            print(f"| {r['batch']} | {r['sampler']} | {r['steps']} | {r['mode']} | {r['dtype']} | "
+                  f"{r['median_ms']:.3f} | {r['p99_ms']:.3f} |")
     print(f"\nwrote {out}")
     for mode in args.profile or []:
         profile(policy, cache, mode, dtypes[0], args, device)

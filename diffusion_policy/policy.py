@@ -152,21 +152,31 @@ class Policy(nn.Module):
         ``noise``: ``(B, H, Da)`` starting chunk of the sampler (normalized units; default: drawn
         from ``generator``).
         Call ``eval()`` first: in training mode images are randomly cropped.
-        For a robot's control loop, :class:`diffusion_policy.inference.FastPredictor` runs the same
-        function compiled, in bf16 and replayed from a CUDA graph.
+        This is the reference: the method's plain loop with the network's ``forward``. For a
+        robot's control loop, :class:`diffusion_policy.inference.FastPredictor` runs the same
+        function through a fast path (compiled, fused kernels, bf16, CUDA graphs).
         """
         return self.sample_with(self.net, obs, num_steps, generator, prefix, noise)
 
     def sample_with(self, net, obs, num_steps=None, generator=None, prefix=None, noise=None) -> torch.Tensor:
         """:meth:`predict`'s body with ``net`` as the denoiser (the policy's own, or an inference
-        copy of it: compiled, in bf16)."""
+        copy of it: compiled, in bf16), sampled by the method's own loop."""
+        def sample(cond, shape, **kw):
+            return self.method.sample(net, cond, shape, **kw)
+
+        return self._sample_chunk(sample, obs, num_steps, generator, prefix, noise)
+
+    def _sample_chunk(self, sample, obs, num_steps=None, generator=None, prefix=None, noise=None) -> torch.Tensor:
+        """Normalize and encode ``obs``, draw the chunk with ``sample(cond, shape, num_steps=,
+        generator=, prefix=, noise=)`` (in normalized units; the method's loop, or a fast path's
+        run of its plan) and unnormalize it."""
         cond = self.encode(obs)
         B = cond.shape[0]
         nprefix = None
         if prefix is not None:
             nprefix = self.normalizer.normalize(self.action_key, torch.as_tensor(prefix).to(cond.device))
-        x = self.method.sample(net, cond, (B, self.horizon, self.action_dim), num_steps=num_steps,
-                               generator=generator, prefix=nprefix, noise=noise)
+        x = sample(cond, (B, self.horizon, self.action_dim), num_steps=num_steps, generator=generator,
+                   prefix=nprefix, noise=noise)
         return self.normalizer.unnormalize(self.action_key, x)
 
     # ------------------------------------------------------------------------------- saving

@@ -30,7 +30,7 @@ def build_predictor(policy, cfg: ServeConfig):
     from diffusion_policy.inference import FastPredictor
 
     if policy.device.type == "cuda":
-        fused = cfg.fused and hasattr(policy.net, "sampling_layout")
+        fused = cfg.fused and FastPredictor.can_fuse(policy)
         return FastPredictor(policy, dtype="bf16" if cfg.bf16 else "fp32", compile=cfg.compile, fused=fused)
     if cfg.compile:
         return FastPredictor(policy, compile=True)

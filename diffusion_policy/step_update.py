@@ -1,6 +1,6 @@
-"""A sampler step as a tensor formula, shared by the methods (which compute its coefficients from
-their schedules) and the networks' sampling paths (which run it with their last layer, knowing
-only the formula): neither imports the other for it."""
+"""A sampler step as a tensor formula, shared by the methods (whose sampling plans compute its
+coefficients from their schedules) and the fast paths (``diffusion_policy.fast``, which run it
+with the network's last layer, knowing only the formula): neither imports the other for it."""
 from __future__ import annotations
 
 import torch
@@ -10,8 +10,8 @@ class StepUpdate:
     """A sampler step that is a fixed function of the chunk ``x`` and the network's output at
     each step ``i``: ``x_next = cx x + c0 clamp(a0 x + a1 out, -clip, clip) + co out``, one row
     ``(a0, a1, cx, c0, co, clip)`` per step. DDIM with eta = 0 (every prediction type, clipped or
-    not) and the Euler step of flow matching have this form. A network's sampling path that is
-    given one runs it right after its last layer (in the same compiled or fused kernel)."""
+    not) and the Euler step of flow matching have this form. A fast path that is given one runs
+    it right after the network's last layer (in the same compiled or fused kernel)."""
 
     def __init__(self, rows: list[tuple[float, ...]], device: torch.device):
         self.rows = [tuple(float(v) for v in r) for r in rows]

@@ -11,10 +11,10 @@ from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 
-import diffusion_policy.nets.fused_kernels as kernels
-from diffusion_policy.step_update import StepUpdate
-from diffusion_policy.nets.fused_unet import FusedUnet
+import diffusion_policy.fast.fused_kernels as kernels
+from diffusion_policy.fast.fused_unet import FusedUnet
 from diffusion_policy.nets.unet1d import ConditionalUnet1D
+from diffusion_policy.step_update import StepUpdate
 
 
 def main(net: ConditionalUnet1D | None = None) -> list:

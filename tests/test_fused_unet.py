@@ -1,8 +1,12 @@
-"""The fused sampling path (one Triton kernel per convolution) computes the UNet's forward.
+"""The fused sampling path (one Triton kernel per convolution) computes the UNet's forward, and
+the method's sampling plan run with it gives the reference loop's chunk.
 
 On the CPU the kernels run in Triton's interpreter (slow: seconds per network call, so the
-networks are small and the calls few) with float32 weights (the interpreter has no bfloat16);
-with CUDA the same checks run compiled, and bf16 within bf16 tolerance.
+networks are small and the calls few) with float32 weights (the interpreter has no bfloat16):
+the plain output at both tilings, and DDIM with its step in the last kernel and a prefix. The
+other plan kinds differ from these only in the shared loop (``fast.runner.run_plan``, checked
+for every sampler with the tokens layout in tests/test_inference.py). With CUDA every sampler
+runs fused against the reference, and bf16 within bf16 tolerance.
 """
 import copy
 import os
@@ -15,6 +19,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from diffusion_policy.fast.runner import UnetSampler  # noqa: E402
 from diffusion_policy.inference import FastPredictor  # noqa: E402
 from diffusion_policy.methods import DiffusionMethod, FlowMatching  # noqa: E402
 from diffusion_policy.nets.unet1d import ConditionalUnet1D  # noqa: E402
@@ -48,59 +53,61 @@ def small_unet(device, down_dims=(32, 64, 128), n_groups=2) -> ConditionalUnet1D
 @pytest.mark.parametrize("block_k", [128, 16])
 def test_fused_path_equals_forward(device, monkeypatch, block_k):
     """Few and many programs per output tile (the input channels split between them)."""
-    from diffusion_policy.nets.fused_unet import FusedUnet
+    from diffusion_policy.fast.fused_unet import FusedUnet
 
     monkeypatch.setattr(FusedUnet, "block_k", block_k)
     net = small_unet(device)
     B, H = 2, 16
     cond, x = torch.randn(B, TO, F, device=device), torch.randn(B, H, DA, device=device)
     times = torch.tensor([999.0, 37.0], device=device)
-    net.sampling_layout = "fused"
-    f = net.prepare_sampling(cond, times)
+    f = FusedUnet(net).prepare(cond, times)
     for i in range(2):  # the FiLM row of each step
         want = net(x, times[i : i + 1].expand(B), cond)
         torch.testing.assert_close(f(x, i), want, rtol=1e-4, atol=1e-4)
 
 
 def test_fused_path_runs_the_sampler_step_and_a_prefix(device):
-    """DDIM through the method: the update in the last kernel, a known prefix inpainted."""
+    """DDIM's plan fused (the update in the last kernel, a known prefix inpainted) against the
+    method's own loop (diffusers' DDIMScheduler.step) with the plain forward."""
     net = small_unet(device, down_dims=(32, 64), n_groups=2)
     B, H = 1, 8
     method = DiffusionMethod("ddim", clip_sample=True)
     cond = torch.randn(B, TO, F, device=device)
     noise = torch.randn(B, H, DA, device=device)
     prefix = torch.randn(B, 3, DA, device=device)
-    chunks = {}
-    for layout in ("direct", "fused"):
-        net.sampling_layout = layout
-        chunks[layout] = method.sample(net, cond, (B, H, DA), num_steps=2, noise=noise, prefix=prefix)
-    torch.testing.assert_close(chunks["fused"], chunks["direct"], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(chunks["fused"][:, :3], prefix)
+    want = method.sample(net, cond, (B, H, DA), num_steps=2, noise=noise, prefix=prefix)
+    sampler = UnetSampler(net, fused=True)
+    assert sampler.layout(B) == "fused"
+    got = sampler.sample(method, cond, (B, H, DA), num_steps=2, noise=noise, prefix=prefix)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[:, :3], prefix)
 
 
 def test_batches_above_fused_max_batch_take_the_tokens_path(device):
     net = small_unet(device, down_dims=(32, 64))
-    net.sampling_layout, net.fused_max_batch = "fused", 1
-    cond, x = torch.randn(2, TO, F, device=device), torch.randn(2, 8, DA, device=device)
-    times = torch.tensor([10.0], device=device)
-    f = net.prepare_sampling(cond, times)
-    torch.testing.assert_close(f(x, 0), net(x, times.expand(2), cond), rtol=1e-4, atol=1e-4)
-    assert "_fused_cache" not in net.__dict__  # no fused kernels were planned
+    sampler = UnetSampler(net, fused=True)
+    sampler.fused_max_batch = 1
+    method = FlowMatching(integrator="euler")
+    cond, noise = torch.randn(2, TO, F, device=device), torch.randn(2, 8, DA, device=device)
+    got = sampler.sample(method, cond, (2, 8, DA), num_steps=1, noise=noise)
+    want = method.sample(net, cond, (2, 8, DA), num_steps=1, noise=noise)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert sampler.layout(2) == "tokens" and sampler._fused is None  # no fused kernels were planned
 
 
 def test_time_table_is_kept_for_a_samplers_times(device):
-    """The FiLM time table is made once per sampler times tensor (the method's cached
-    NetworkTimes) and reused by later chunks; other times get their own table."""
-    from diffusion_policy.nets.fused_unet import fused_sampler
-
+    """The FiLM time table is made once per sampler times tensor (the plan's times, which the
+    method keeps) and reused by later chunks; other times get their own table."""
     net = small_unet(device, down_dims=(32, 64))
-    net.sampling_layout = "fused"
+    sampler = UnetSampler(net, fused=True)
     method = DiffusionMethod("ddim")
     cond, noise = torch.randn(1, TO, F, device=device), torch.randn(1, 8, DA, device=device)
-    first = method.sample(net, cond, (1, 8, DA), num_steps=2, noise=noise)
-    fused = fused_sampler(net)
+    first = sampler.sample(method, cond, (1, 8, DA), num_steps=2, noise=noise)
+    fused = sampler.fused_unet()
     ((times, table),) = fused._time_tables.values()
-    again = method.sample(net, cond, (1, 8, DA), num_steps=2, noise=noise)
+    assert times is method.sampling_plan(2, device).times
+    again = sampler.sample(method, cond, (1, 8, DA), num_steps=2, noise=noise)
+    assert sampler.fused_unet() is fused  # kept while the weights stay
     assert list(fused._time_tables.values()) == [(times, table)]  # the same table object, reused
     torch.testing.assert_close(again, first, rtol=0, atol=0)
     other = times.clone()  # equal values, another tensor: computed anew, equal
@@ -113,15 +120,16 @@ def test_time_table_is_kept_for_a_samplers_times(device):
 
 def test_fused_path_rejects_what_it_cannot_run(device):
     for dims, groups, cg in [((32, 64), 4, 8), ((96, 192), 2, 48)]:  # too few; not a power of two
-        net = small_unet(device, down_dims=dims, n_groups=groups)
-        net.sampling_layout = "fused"
+        sampler = UnetSampler(small_unet(device, down_dims=dims, n_groups=groups), fused=True)
         with pytest.raises(ValueError, match=f"power of two >= 16 channels; this UNet has groups of {cg} "):
-            net.prepare_sampling(torch.randn(1, TO, F, device=device), torch.zeros(1, device=device))
+            sampler.fused_unet()
     net = small_unet(device, down_dims=(32, 64))
-    net.sampling_layout = "fused"
-    f = net.prepare_sampling(torch.randn(1, TO, F, device=device), torch.zeros(1, device=device))
+    f = UnetSampler(net, fused=True).fused_unet().prepare(torch.randn(1, TO, F, device=device),
+                                                           torch.zeros(1, device=device))
     with pytest.raises(ValueError, match="expected \\(1, H, 2\\)"):
         f(torch.randn(2, 8, DA, device=device), 0)
+    with pytest.raises(ValueError, match="task.horizon=7 must be divisible by 2"):
+        f(torch.randn(1, 7, DA, device=device), 0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FastPredictor's fused path needs CUDA")
@@ -142,6 +150,28 @@ def test_fast_predictor_fused_equals_predict():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FastPredictor's fused path needs CUDA")
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver", "flow_euler", "flow_midpoint", "flow_heun"])
+def test_fused_equals_the_reference_loop_for_every_sampler(sampler):
+    """fp32 kernels in a CUDA graph against Policy.predict for every sampler, batch 1 and 2, with
+    and without a prefix (DDPM with per-row generators: that call runs outside the graph)."""
+    from test_inference import SAMPLERS, make_policy
+
+    from diffusion_policy.config import PolicyConfig
+
+    torch.backends.cudnn.allow_tf32 = False
+    policy = make_policy(SAMPLERS[sampler], PolicyConfig(name="unet", down_dims=[128, 256], time_embed_dim=32)).cuda()
+    fast = FastPredictor(policy, dtype="fp32", fused=True)
+    for B, P in [(1, 0), (1, 3), (2, 2)]:
+        obs = {"state": torch.randn(B, TO, 5, device="cuda")}
+        prefix = torch.rand(B, P, DA, device="cuda") if P else None
+        gen = [torch.Generator("cuda").manual_seed(B + b) for b in range(B)]
+        want = policy.predict(obs, generator=gen, prefix=prefix)
+        gen = [torch.Generator("cuda").manual_seed(B + b) for b in range(B)]
+        got = fast.predict(obs, generator=gen, prefix=prefix)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernels need CUDA")
 @pytest.mark.parametrize("B", [1, 8])
 def test_fused_bf16_matches_the_bf16_tokens_path(B):
@@ -152,9 +182,8 @@ def test_fused_bf16_matches_the_bf16_tokens_path(B):
     cond = torch.randn(B, TO, F, device="cuda")
     noise = torch.randn(B, 16, DA, device="cuda")
     want = flow.sample(net, cond, (B, 16, DA), num_steps=10, noise=noise)  # float32, direct
-    fused = copy.deepcopy(net).to(torch.bfloat16)
-    fused.sampling_layout = "fused"
-    got = flow.sample(fused, cond, (B, 16, DA), num_steps=10, noise=noise)
+    sampler = UnetSampler(copy.deepcopy(net).to(torch.bfloat16), fused=True)
+    got = sampler.sample(flow, cond, (B, 16, DA), num_steps=10, noise=noise)
     assert (got - want).abs().max() < 0.05 * want.abs().max()
 
 

@@ -1,6 +1,7 @@
-"""The UNet's sampling path and FastPredictor compute the same function as the plain forward and
-Policy.predict (on random weights and inputs, every sampler), and FastPredictor is a drop-in for
-the controller."""
+"""Every fast path computes what the reference computes: the UNet's tokens layout equals its
+forward, and FastPredictor's chunks equal Policy.predict's (the method's own loop with the plain
+network) for every sampler, dtype, batch size, with and without a prefix (on random weights and
+inputs); FastPredictor is a drop-in for the controller."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,9 +12,11 @@ from torch import nn
 from diffusion_policy.config import MethodConfig, PolicyConfig, TaskConfig
 from diffusion_policy.control import RecedingHorizonController
 from diffusion_policy.data.normalize import Normalizer
+from diffusion_policy.fast.tokens import TokensUnet, conv_tokens, upsample_tap_weight, upsample_taps
 from diffusion_policy.inference import FastPredictor
-from diffusion_policy.nets.unet1d import (ConditionalUnet1D, conv_tokens, upsample_tap_weight,
-                                          upsample_taps)
+from diffusion_policy.methods import build_method
+from diffusion_policy.nets import MLPDenoiser
+from diffusion_policy.nets.unet1d import ConditionalUnet1D
 from diffusion_policy.policy import Policy
 
 H, TO, TA, DA = 16, 2, 8, 2
@@ -55,33 +58,35 @@ def test_upsample_tokens_matches_conv_transpose():
 
 
 @pytest.mark.parametrize("down_dims,B,horizon", [([32, 64, 128], 1, 16), ([32, 64], 3, 8), ([32], 2, 4)])
-def test_sampling_path_equals_forward(down_dims, B, horizon):
+def test_tokens_layout_equals_forward(down_dims, B, horizon):
     net = perturbed(ConditionalUnet1D(DA, 2 * 7, down_dims, 5, 8, 32))
-    net.sampling_layout = "tokens"
     cond = torch.randn(B, 2, 7)
     times = torch.tensor([99.0, 41.0, 0.0])
-    f = net.prepare_sampling(cond, times)
+    f = TokensUnet(net).prepare(cond, times)
     with torch.no_grad():
         for i in range(3):
             x = torch.randn(B, horizon, DA)
             assert rel(f(x, i), net(x, times[i].expand(B), cond)) < 1e-5
 
 
-def test_sampling_path_bf16_is_close_and_checks_inputs():
+def test_tokens_layout_bf16_is_close_and_checks_inputs():
     net = perturbed(ConditionalUnet1D(DA, 14, [32, 64], 5, 8, 32))
-    net.sampling_layout = "tokens"
     cond, x, times = torch.randn(2, 2, 7), torch.randn(2, 8, DA), torch.tensor([50.0])
     with torch.no_grad():
         ref = net(x, times.expand(2), cond)
-        out = net.to(torch.bfloat16).prepare_sampling(cond, times)(x, 0)
+        tokens = TokensUnet(net.to(torch.bfloat16))
+        out = tokens.prepare(cond, times)(x, 0)
     assert out.dtype == torch.float32 and rel(out, ref) < 3e-2
     with pytest.raises(ValueError, match="cond flattens to 10 features, expected 14"):
-        net.prepare_sampling(torch.randn(2, 2, 5), times)
+        tokens.prepare(torch.randn(2, 2, 5), times)
     with pytest.raises(ValueError, match="batch 3"):
-        net.prepare_sampling(cond, times)(torch.randn(3, 8, DA), 0)
-    net.sampling_layout = "fast"
-    with pytest.raises(ValueError, match="sampling_layout must be one of"):
-        net.prepare_sampling(cond, times)
+        tokens.prepare(cond, times)(torch.randn(3, 8, DA), 0)
+    with pytest.raises(ValueError, match="task.horizon=7 must be divisible by 2"):
+        tokens.prepare(cond, times)(torch.randn(2, 7, DA), 0)
+    with pytest.raises(TypeError, match="arranges a ConditionalUnet1D, got MLPDenoiser"):
+        TokensUnet(MLPDenoiser(DA, 8, 14, [16]))
+    # the tokens layout keeps its caches itself: nothing is written into the network
+    assert not {"_sampling_cache", "_index", "_fused_cache", "sampling_layout"} & set(vars(net))
 
 
 def make_policy(method_cfg: MethodConfig, policy_cfg: PolicyConfig | None = None) -> Policy:
@@ -113,19 +118,6 @@ METHODS = {
 }
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_predict_same_chunk_with_either_layout(method):
-    """Policy.predict through the sampling path equals the per-step forward, prefix included."""
-    policy = make_policy(METHODS[method])
-    obs, prefix = obs_batch(2), torch.rand(2, 3, DA)
-    out = {}
-    for layout in ("direct", "tokens"):
-        policy.net.sampling_layout = layout
-        out[layout] = policy.predict(obs, generator=gens(2), prefix=prefix)
-    assert rel(out["tokens"], out["direct"]) < 1e-4
-    assert torch.allclose(out["tokens"][:, :3], prefix, atol=1e-5)
-
-
 def test_noise_argument_replaces_the_draw():
     policy = make_policy(METHODS["ddim"])
     obs = obs_batch(2)
@@ -137,16 +129,56 @@ def test_noise_argument_replaces_the_draw():
         policy.predict(obs, noise=torch.randn(2, 4, DA))
 
 
-@pytest.mark.parametrize("method", ["ddim", "ddpm", "flow_heun"])
-def test_fast_predictor_fp32_equals_predict(method):
-    policy = make_policy(METHODS[method])
-    policy.net.sampling_layout = "tokens"  # as a compiled or graphed predictor runs it
-    fast = FastPredictor(policy, dtype="fp32")
-    assert fast.net is policy.net and not fast.cuda_graph  # CPU: no graph, no copy
-    obs = obs_batch(3)
-    out = fast.predict(obs, generator=gens(3))
-    policy.net.sampling_layout = "direct"
-    assert rel(out, policy.predict(obs, generator=gens(3))) < 1e-5
+# every sampler a method has, each with few steps; DDIM with clip_sample on (the default)
+SAMPLERS = {
+    "ddpm": MethodConfig(name="diffusion", scheduler="ddpm", num_inference_steps=4),
+    "ddim": MethodConfig(name="diffusion", scheduler="ddim", num_inference_steps=3),
+    "dpmsolver": MethodConfig(name="diffusion", scheduler="dpmsolver", clip_sample=False, num_inference_steps=3),
+    "flow_euler": MethodConfig(name="flow", integrator="euler", num_inference_steps=3),
+    "flow_midpoint": MethodConfig(name="flow", integrator="midpoint", num_inference_steps=2),
+    "flow_heun": MethodConfig(name="flow", integrator="heun", num_inference_steps=2),
+}
+SMALL_UNET = PolicyConfig(name="unet", down_dims=[16, 32], time_embed_dim=16)
+# bf16 weights against the float32 reference: measured 0.3-1.7% relative (DDIM's clipping of
+# x_0 on random weights amplifies rounding most); a wrong layout or plan is off by O(1)
+TOLERANCE = {"fp32": 1e-5, "bf16": 3e-2}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_tokens_layout_equals_the_reference_loop(sampler, dtype):
+    """FastPredictor's tokens layout (the method's sampling plan run with the UNet arranged for
+    the loop, op by op: what compile and CUDA graphs run) against Policy.predict (the method's own
+    loop with the UNet's forward), per-row generators (DDPM's every step draws from them), batch
+    sizes 1 to 3, with and without a known prefix."""
+    policy = make_policy(SAMPLERS[sampler], SMALL_UNET)
+    fast = FastPredictor(policy, dtype=dtype, layout="tokens")
+    assert fast.sampler is not None and not fast.cuda_graph  # CPU: no graph
+    assert (fast.net is policy.net) == (dtype == "fp32")  # float32 eager: no copy
+    for B, P in [(1, 0), (1, 3), (2, 0), (3, 2)]:
+        obs = obs_batch(B)
+        prefix = torch.rand(B, P, DA, generator=torch.Generator().manual_seed(P)) * 3 - 1 if P else None
+        want = policy.predict(obs, generator=gens(B), prefix=prefix)
+        got = fast.predict(obs, generator=gens(B), prefix=prefix)
+        assert got.shape == (B, H, DA) and rel(got, want) < TOLERANCE[dtype], (B, P, rel(got, want))
+        if P:
+            torch.testing.assert_close(got[:, :P], prefix, atol=1e-5, rtol=1e-5)
+
+
+def test_fast_predictor_layouts():
+    """A plain FastPredictor on the CPU runs the reference loop; compile, graphs and fused take
+    the UNet's fast path; methods without a sampling plan (regression) run their own sample."""
+    policy = make_policy(SAMPLERS["ddim"], SMALL_UNET)
+    assert FastPredictor(policy).layout == "reference" and FastPredictor(policy).sampler is None
+    assert FastPredictor.can_fuse(policy)
+    compiled = FastPredictor(policy, compile=True)  # torch.compile compiles at the first call
+    assert compiled.layout == "tokens" and compiled.sampler.tokens.compiled is not None
+    cfg = PolicyConfig(name="mlp", hidden_dims=[32])
+    mlp = make_policy(SAMPLERS["ddim"], cfg)
+    assert FastPredictor(mlp, dtype="bf16").layout == "reference" and not FastPredictor.can_fuse(mlp)
+    policy.method = build_method(MethodConfig(name="regression"))
+    fast = FastPredictor(policy, layout="tokens")
+    torch.testing.assert_close(fast.predict(obs_batch(2)), policy.predict(obs_batch(2)))
 
 
 def test_fast_predictor_bf16_leaves_the_policy_alone():
@@ -184,6 +216,13 @@ def test_fast_predictor_errors():
         FastPredictor(policy).predict({"other": torch.zeros(1, TO, 5)})
     with pytest.raises(ValueError, match="fused=True runs Triton kernels on CUDA"):
         FastPredictor(policy, fused=True)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        FastPredictor(policy, layout="direct")
+    with pytest.raises(ValueError, match="fused=True runs the 'fused' layout, got layout='tokens'"):
+        FastPredictor(policy, fused=True, layout="tokens")
+    mlp = make_policy(METHODS["ddim"], PolicyConfig(name="mlp", hidden_dims=[16]))
+    with pytest.raises(ValueError, match="layout='tokens' needs the UNet; the policy's network is MLPDenoiser"):
+        FastPredictor(mlp, layout="tokens")
 
 
 def test_controller_runs_a_fast_predictor():
@@ -199,31 +238,41 @@ def test_controller_runs_a_fast_predictor():
 
 
 def test_sampling_weights_follow_weight_updates():
-    """The rearranged weights are cached between chunks and remade after any weight change."""
+    """The rearranged weights are kept between chunks and remade after any weight change."""
     policy = make_policy(METHODS["ddim"])
-    policy.net.sampling_layout = "tokens"
+    fast = FastPredictor(policy, layout="tokens")  # float32 eager: the policy's own network
     obs = obs_batch(1)
-    first = policy.predict(obs, generator=gens(1))
+    first = fast.predict(obs, generator=gens(1))
+    with torch.no_grad():  # (under autograd they are made afresh, uncached)
+        kept = fast.sampler.tokens.weights()
+        assert fast.sampler.tokens.weights() is kept
     with torch.no_grad():
         for p in policy.net.parameters():  # an in-place update, as an optimizer step makes
             p.mul_(1.1)
-    after = policy.predict(obs, generator=gens(1))
-    policy.net.sampling_layout = "direct"
+    after = fast.predict(obs, generator=gens(1))
+    with torch.no_grad():
+        assert fast.sampler.tokens.weights() is not kept
     assert rel(after, policy.predict(obs, generator=gens(1))) < 1e-5
     assert rel(after, first) > 1e-3
 
 
 def test_compiled_predictor_equals_predict():
-    """The compiled sampling path (inductor; C++ kernels on the CPU, ~20 s) computes the same
-    chunk as the plain predict."""
+    """The compiled tokens layout (inductor; C++ kernels on the CPU, ~20 s) computes the same
+    chunk as the plain predict: flow Euler, then DDIM with a prefix on the same compiled trunk
+    (both plans have 2 calls with the step in the last layer: no second compilation)."""
     cfg = PolicyConfig(name="unet", down_dims=[16, 32], time_embed_dim=16)
     policy = make_policy(MethodConfig(name="flow", num_inference_steps=2), cfg)
     fast = FastPredictor(policy, compile=True)
-    assert fast.net is not policy.net and fast.net.sampling_layout == "tokens"
+    assert fast.net is not policy.net and fast.layout == "tokens"
     obs = obs_batch(2)
     out = fast.predict(obs, generator=gens(2))
     assert rel(out, policy.predict(obs, generator=gens(2))) < 1e-5
-    assert policy.net.sampling_layout == "auto" and policy.net._trunk_compiled is None
+    policy.method = build_method(MethodConfig(name="diffusion", scheduler="ddim", num_inference_steps=2))
+    fast.reset()
+    prefix = torch.rand(2, 3, DA)
+    out = fast.predict(obs, generator=gens(2), prefix=prefix)
+    assert rel(out, policy.predict(obs, generator=gens(2), prefix=prefix)) < 1e-5
+    assert fast.sampler.tokens.compiled is not None and not hasattr(policy.net, "sampling_layout")
 
 
 @pytest.mark.parametrize("method", ["ddim", "ddpm"])
@@ -238,8 +287,6 @@ def test_padding_changes_no_row(method):
 
 
 def test_methods_say_whether_sampling_draws_noise_after_the_start():
-    from diffusion_policy.methods import build_method
-
     assert {name: build_method(cfg).stochastic for name, cfg in METHODS.items()} == {
         "ddim": False, "ddpm": True, "dpmsolver": False, "flow_heun": False}
     assert build_method(MethodConfig(name="regression")).stochastic is False
@@ -258,8 +305,8 @@ class EagerGraph:
 
 def graphed(policy: Policy, **kw) -> FastPredictor:
     """A CPU FastPredictor that takes the graph path (keys, static inputs, noise source) with
-    EagerGraph in place of the CUDA capture."""
-    fast = FastPredictor(policy, **kw)
+    EagerGraph in place of the CUDA capture, the UNet in the tokens layout as a graph runs it."""
+    fast = FastPredictor(policy, layout="tokens", **kw)
     fast.cuda_graph = True
 
     def record(fn):

@@ -253,3 +253,61 @@ def test_flow_training_time_distributions(time_dist, mean, lo, hi):
     assert abs(t.mean().item() - mean) < 0.01
     if time_dist == "beta":  # density 1.5 sqrt(u): noisy times (t near 1) are favoured
         assert (t > 0.5).float().mean() > 0.6
+
+
+def test_ddim_sampling_steps_diffusers_scheduler(monkeypatch):
+    """The reference loop steps diffusers' scheduler at run time, DDIM included (its closed-form
+    step is the fast paths' plan, not the specification)."""
+    from diffusers import DDIMScheduler
+
+    calls = []
+    step = DDIMScheduler.step
+    monkeypatch.setattr(DDIMScheduler, "step", lambda self, *a, **kw: calls.append(a[1]) or step(self, *a, **kw))
+    method = DiffusionMethod("ddim", 100, "squaredcos_cap_v2", "epsilon", True, 3)
+    method.sample(OptimalDiffusionNet(GAUSSIAN, method.alphas_cumprod, "epsilon"), torch.zeros(2, 1, 1),
+                  (2, H, DA), generator=torch.Generator().manual_seed(0))
+    assert [int(k) for k in calls] == [99, 66, 32]  # trailing spacing, one step per network call
+
+
+def test_step_rules_live_in_the_constructors_with_one_text_each():
+    with pytest.raises(ValueError, match=r"^method.num_inference_steps=101 is more than the 100 timesteps .*"
+                                         r"\(method.num_train_timesteps=100\); use at most 100$"):
+        DiffusionMethod("ddim", 100, "squaredcos_cap_v2", "epsilon", False, 101)
+    with pytest.raises(ValueError, match=r"^method.clip_sample=true is not supported by method.scheduler=dpmsolver"):
+        DiffusionMethod("dpmsolver", clip_sample=True)
+    with pytest.raises(ValueError, match=r"^method.num_inference_steps=0 must be an integer >= 1$"):
+        FlowMatching(num_inference_steps=0)
+    with pytest.raises(ValueError, match=r"^method.num_inference_steps=0 must be an integer >= 1$"):
+        DiffusionMethod(num_inference_steps=0)
+    with pytest.raises(ValueError, match=r"^num_steps=0 must be an integer >= 1$"):
+        FlowMatching().sample(OptimalFlowNet(GAUSSIAN), torch.zeros(2, 1, 1), (2, H, DA), num_steps=0)
+
+
+def test_initial_noise_draws_what_diffusers_randn_tensor_draws():
+    """The shared starting noise is plain torch (no diffusers import) and draws the same numbers as
+    diffusers' randn_tensor, which the stochastic schedulers use: one generator, one per row."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from diffusion_policy.methods.sampling import initial_noise
+
+    shape = (3, H, DA)
+    for make in (lambda: torch.Generator().manual_seed(4),
+                 lambda: [torch.Generator().manual_seed(s) for s in (1, 2, 3)],
+                 lambda: [torch.Generator().manual_seed(9)]):
+        want = randn_tensor(shape, generator=make(), device=torch.device("cpu"), dtype=torch.float32)
+        assert torch.equal(initial_noise(shape, make(), torch.device("cpu")), want)
+    with pytest.raises(ValueError, match="generator is a list of 2, expected one per row \\(3\\)"):
+        initial_noise(shape, [torch.Generator(), torch.Generator()], torch.device("cpu"))
+
+
+def test_regression_and_the_shared_helpers_need_no_diffusers():
+    import subprocess
+    import sys
+
+    code = ("import sys; from diffusion_policy.methods import Regression, build_method; "
+            "import diffusion_policy.methods.sampling, diffusion_policy.methods.flow; "
+            "from diffusion_policy.config import MethodConfig; build_method(MethodConfig(name='regression')); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'diffusers'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -29,8 +29,15 @@ def test_unet_horizons():
         assert out.shape == (2, H, 3)
     with pytest.raises(ValueError, match="divisible by 4"):
         net(torch.randn(2, 10, 3), torch.zeros(2), torch.randn(2, 2, 5))
-    with pytest.raises(ValueError, match="horizon H=10 must be divisible by 4"):
+    # one rule, one text, held by the UNet: its constructor applies it to the horizon it is built
+    # for (build_net passes task.horizon), its forward to every chunk
+    text = (r"task.horizon=10 must be divisible by 4: the UNet halves the chunk 2 times "
+            r"\(policy.down_dims=\[8, 16, 32\]\)")
+    with pytest.raises(ValueError, match=text):
         build_net(PolicyConfig(name="unet", down_dims=[8, 16, 32]), 2, 10, 2, 5)
+    with pytest.raises(ValueError, match=text):
+        ConditionalUnet1D(3, 10, down_dims=[8, 16, 32], time_embed_dim=16, horizon=10)
+    assert ConditionalUnet1D(3, 10, down_dims=[8, 16, 32], time_embed_dim=16, horizon=12).downsample_factor == 4
     with pytest.raises(ValueError, match="cond flattens to 12 features, expected 10"):
         net(torch.randn(2, 8, 3), torch.zeros(2), torch.randn(2, 2, 6))
 

@@ -10,6 +10,9 @@ noise and ``t = 0`` the data. With ``x_0`` an action chunk and ``eps ~ N(0, I)``
 The network learns ``v(x, t) ~ E[eps - x_0 | x_t = x]``; sampling integrates ``dx/dt = v`` from
 ``t = 1`` (noise) to ``t = 0`` on a uniform grid with Euler, midpoint or Heun steps. The network
 sees ``t * 1000`` so that its sinusoidal embedding resolves the time like a diffusion timestep.
+:meth:`FlowMatching.sampling_plan` exports the same loop for fast paths: Euler's step as a
+``StepUpdate`` row per step (a fast network runs it with its last layer), midpoint and Heun as
+their Butcher tableaus.
 
 Training times (``time_dist``): ``uniform``; ``logit_normal`` (sigmoid of N(0, 1), Esser et al.
 2024, eq. 19); ``beta`` (pi0: ``t = 0.001 + 0.999 * Beta(1.5, 1)``, which favours noisy times and
@@ -25,12 +28,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from diffusion_policy.methods.diffusion import NetworkTimes, check_prefix, denoiser, initial_noise
+from diffusion_policy.methods.sampling import (
+    SamplingPlan,
+    check_prefix,
+    check_steps,
+    device_times,
+    initial_noise,
+    put_prefix,
+)
 from diffusion_policy.step_update import StepUpdate
 
 TIME_DISTS = ("uniform", "logit_normal", "beta")
 INTEGRATORS = ("euler", "midpoint", "heun")
 TIME_SCALE = 1000.0  # what the network sees: t * TIME_SCALE
+# explicit Runge-Kutta tableaus (a, b) of the two-stage integrators: stage j evaluates the velocity
+# at x + h sum_l a[j][l] v_l, the step is x + h sum_j b[j] v_j (Butcher 2016, sec. 23)
+TABLEAUS = {"midpoint": (((), (0.5,)), (0.0, 1.0)), "heun": (((), (1.0,)), (0.5, 0.5))}
 
 
 class FlowMatching:
@@ -43,13 +56,12 @@ class FlowMatching:
             raise ValueError(f"method.time_dist must be one of {TIME_DISTS}, got {time_dist!r}")
         if integrator not in INTEGRATORS:
             raise ValueError(f"method.integrator must be one of {INTEGRATORS}, got {integrator!r}")
-        if num_inference_steps < 1:
-            raise ValueError(f"method.num_inference_steps must be >= 1, got {num_inference_steps}")
         self.time_dist = time_dist
         self.integrator = integrator
-        self.num_inference_steps = num_inference_steps
-        self._time_cache: dict[tuple[int, str], NetworkTimes] = {}
+        self.num_inference_steps = check_steps(num_inference_steps, "method.num_inference_steps")
+        self._time_cache: dict[tuple[int, str], tuple] = {}
         self._update_cache: dict[tuple[int, str], StepUpdate] = {}
+        self._plan_cache: dict[tuple[int, str], SamplingPlan] = {}
 
     # ------------------------------------------------------------------------------- training
     def sample_time(self, batch: int, device: torch.device) -> torch.Tensor:
@@ -71,73 +83,86 @@ class FlowMatching:
         return F.mse_loss(pred.float(), (eps - actions).float())
 
     # ------------------------------------------------------------------------------- sampling
-    def _grid(self, n: int, device: torch.device) -> NetworkTimes:
-        """``2n + 1`` network times ``[1, 1 - h/2, 1 - h, ..., 0] * TIME_SCALE`` on ``device``
-        (even entries: grid points, odd: midpoints), one ``(1,)`` tensor each, cached so that
-        repeated calls copy nothing to the device (the sampling loop can then be captured in a
-        CUDA graph) and every network call sees an input of the same layout."""
-        key = (n, str(device))
-        if key not in self._time_cache:
-            grid = torch.linspace(1.0, 0.0, 2 * n + 1).mul(TIME_SCALE).to(device)
-            self._time_cache[key] = NetworkTimes([grid[j : j + 1].clone() for j in range(2 * n + 1)])
-        return self._time_cache[key]
-
-    def _euler_update(self, n: int, device: torch.device) -> StepUpdate:
-        """The Euler step ``x + h v`` (h = -1/n) as a :class:`StepUpdate` with a row for every
-        grid entry, cached per (n, device)."""
-        key = (n, str(device))
-        if key not in self._update_cache:
-            row = (0.0, 0.0, 1.0, 0.0, -1.0 / n, float("inf"))
-            self._update_cache[key] = StepUpdate([row] * (2 * n + 1), device)
-        return self._update_cache[key]
-
     @torch.no_grad()
     def sample(self, net, cond: torch.Tensor, shape: tuple[int, int, int], num_steps: int | None = None,
                generator: torch.Generator | list | None = None, prefix: torch.Tensor | None = None,
                noise: torch.Tensor | None = None) -> torch.Tensor:
         """Integrate from noise (t = 1) to actions (t = 0) in ``num_steps`` steps; ``noise``: the
         starting chunk (default: drawn from ``generator``)."""
-        n = self.num_inference_steps if num_steps is None else int(num_steps)
-        if n < 1:
-            raise ValueError(f"num_steps must be >= 1, got {n}")
+        n = self._steps(num_steps)
+        B = shape[0]
         x = initial_noise(shape, generator, cond.device, noise)
         P = check_prefix(prefix, shape)
         eps_prefix = x[:, :P].clone() if P else None
         h = -1.0 / n  # dt: time runs from 1 down to 0
-        grid = self._grid(n, cond.device)
+        _, grid = self._grid(n, cond.device)  # 2n + 1 times: grid points (even j), midpoints (odd j)
 
-        def put_prefix(x: torch.Tensor, j: int) -> torch.Tensor:
-            """``x`` with the known prefix put on its path at grid entry j (t = 1 - j / (2n))."""
-            if not P:
-                return x
-            t = 1.0 - j / (2 * n)
-            known = t * eps_prefix + (1.0 - t) * prefix
-            return torch.cat([known.to(x.dtype), x[:, P:]], dim=1)
+        def velocity(x: torch.Tensor, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """``(v, x)`` at grid entry j, ``x`` with the known prefix put on its path first."""
+            if P:
+                x = put_prefix(x, prefix, eps_prefix, self._prefix_weights(n, j))
+            return net(x, grid[j].expand(B), cond).to(x.dtype), x
 
-        if self.integrator == "euler":
-            # x + h v as a StepUpdate: the network's sampling path runs it after its last layer
-            f = denoiser(net, cond, grid, self._euler_update(n, cond.device))
-            for i in range(n):
-                x = f(put_prefix(x, 2 * i), 2 * i)
-        else:
-            f = denoiser(net, cond, grid)
-
-            def velocity(x: torch.Tensor, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-                """``(v, x)`` at grid entry j, ``x`` with the known prefix put on its path first."""
-                x = put_prefix(x, j)
-                return f(x, j).to(x.dtype), x
-
-            for i in range(n):
-                j = 2 * i  # grid index of the current time
-                if self.integrator == "midpoint":
-                    v, x = velocity(x, j)
-                    v_mid, _ = velocity(x + 0.5 * h * v, j + 1)
-                    x = x + h * v_mid
-                else:  # heun: trapezoid on the Euler prediction (Karras et al. 2022, Alg. 1)
-                    v, x = velocity(x, j)
-                    x_pred = x + h * v
-                    v_next, _ = velocity(x_pred, j + 2)
-                    x = x + 0.5 * h * (v + v_next)
+        for i in range(n):
+            j = 2 * i  # grid index of the current time
+            v, x = velocity(x, j)
+            if self.integrator == "euler":
+                x = x + h * v
+            elif self.integrator == "midpoint":
+                v_mid, _ = velocity(x + 0.5 * h * v, j + 1)
+                x = x + h * v_mid
+            else:  # heun: trapezoid on the Euler prediction (Karras et al. 2022, Alg. 1)
+                v_next, _ = velocity(x + h * v, j + 2)
+                x = x + 0.5 * h * (v + v_next)
         if P:
             x = torch.cat([prefix.to(x.dtype), x[:, P:]], dim=1)
         return x
+
+    def sampling_plan(self, num_steps: int | None = None, device: torch.device | str = "cpu") -> SamplingPlan:
+        """:meth:`sample`'s loop as a :class:`~diffusion_policy.methods.sampling.SamplingPlan`:
+        kind ``"update"`` for Euler (``x + h v`` as a StepUpdate row per step), ``"runge_kutta"``
+        for midpoint and Heun. Kept per (steps, device)."""
+        n = self._steps(num_steps)
+        device = torch.device(device)
+        key = (n, str(device))
+        if key not in self._plan_cache:
+            joined, grid = self._grid(n, device)
+            if self.integrator == "euler":
+                js = [2 * i for i in range(n)]
+            else:  # stage 2 at the midpoint (odd grid entry) or the next grid point
+                off = 1 if self.integrator == "midpoint" else 2
+                js = [j for i in range(n) for j in (2 * i, 2 * i + off)]
+            common = dict(times=joined[js], step_times=tuple(grid[j] for j in js), num_steps=n,
+                          prefix_weights=tuple(self._prefix_weights(n, j) for j in js))
+            if self.integrator == "euler":
+                plan = SamplingPlan("update", update=self._euler_update(n, device), **common)
+            else:
+                a, b = TABLEAUS[self.integrator]
+                plan = SamplingPlan("runge_kutta", h=-1.0 / n, a=a, b=b, **common)
+            self._plan_cache[key] = plan
+        return self._plan_cache[key]
+
+    def _steps(self, num_steps: int | None) -> int:
+        return self.num_inference_steps if num_steps is None else check_steps(num_steps, "num_steps")
+
+    @staticmethod
+    def _prefix_weights(n: int, j: int) -> tuple[float, float]:
+        """``(1 - t, t)`` at grid entry j (t = 1 - j / (2n)): the prefix's straight path."""
+        t = 1.0 - j / (2 * n)
+        return 1.0 - t, t
+
+    def _grid(self, n: int, device: torch.device) -> tuple:
+        """``2n + 1`` network times ``[1, 1 - h/2, 1 - h, ..., 0] * TIME_SCALE`` on ``device``
+        (even entries: grid points, odd: midpoints) as ``device_times``, kept per (n, device)."""
+        key = (n, str(device))
+        if key not in self._time_cache:
+            self._time_cache[key] = device_times(torch.linspace(1.0, 0.0, 2 * n + 1).mul(TIME_SCALE).tolist(), device)
+        return self._time_cache[key]
+
+    def _euler_update(self, n: int, device: torch.device) -> StepUpdate:
+        """The Euler step ``x + h v`` (h = -1/n) as a :class:`StepUpdate`, one row per step."""
+        key = (n, str(device))
+        if key not in self._update_cache:
+            row = (0.0, 0.0, 1.0, 0.0, -1.0 / n, float("inf"))
+            self._update_cache[key] = StepUpdate([row] * n, device)
+        return self._update_cache[key]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from diffusion_policy.methods.diffusion import check_prefix
+from diffusion_policy.methods.sampling import check_prefix
 
 
 class Regression:

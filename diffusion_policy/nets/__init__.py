@@ -17,16 +17,10 @@ def build_net(policy_cfg: PolicyConfig, action_dim: int, horizon: int, n_obs_ste
               cond_dim: int) -> nn.Module:
     """The denoiser named by ``policy_cfg.name``; ``cond_dim`` = per-step feature size ``F``."""
     name = policy_cfg.name
-    if name == "unet":
-        factor = 2 ** (len(policy_cfg.down_dims) - 1)
-        if horizon % factor != 0:
-            raise ValueError(
-                f"horizon H={horizon} must be divisible by {factor} for a UNet with down_dims "
-                f"{list(policy_cfg.down_dims)} (the chunk is halved {len(policy_cfg.down_dims) - 1} times)"
-            )
+    if name == "unet":  # the UNet checks that it can halve the horizon
         return ConditionalUnet1D(
             action_dim, n_obs_steps * cond_dim, list(policy_cfg.down_dims), policy_cfg.kernel_size,
-            policy_cfg.n_groups, policy_cfg.time_embed_dim,
+            policy_cfg.n_groups, policy_cfg.time_embed_dim, horizon=horizon,
         )
     if name == "transformer":
         return TransformerDenoiser(

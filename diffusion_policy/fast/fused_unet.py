@@ -1,26 +1,26 @@
-"""The UNet's sampling path as one Triton kernel per convolution (``sampling_layout="fused"``).
+"""The UNet's tokens layout as one Triton kernel per convolution (``FastPredictor(fused=True)``).
 
-The compiled sampling path (``ConditionalUnet1D.prepare_sampling`` with ``compile_sampling``) runs
-about 60 kernels per network call at batch 1: a matrix product per convolution, then a kernel for
-its shifted sum, GroupNorm, Mish, FiLM and residual add. Each costs a few microseconds of launch
-and latency, far more than its arithmetic. Here a convolution is one kernel
-(``diffusion_policy.nets.fused_kernels``): a convolution leaves one partial sum per slice of its
-input channels, and the work that follows it (adding those sums and the bias, GroupNorm over the
-consumer's own slice of whole groups, Mish, FiLM, the residual) runs while the *next* convolution
-loads its input; the sampler's step runs in the last layer's epilogue. A network call is 30
-kernels for the default UNet: a DDIM-10 chunk at batch 1 in bf16 takes 1.83 ms on an H200,
-against 3.00 ms compiled in the same run (``benchmarks/sampling.md``).
+The compiled tokens layout (``diffusion_policy.fast.tokens``) runs about 60 kernels per network
+call at batch 1: a matrix product per convolution, then a kernel for its shifted sum, GroupNorm,
+Mish, FiLM and residual add. Each costs a few microseconds of launch and latency, far more than
+its arithmetic. Here a convolution is one kernel (``diffusion_policy.fast.fused_kernels``): a
+convolution leaves one partial sum per slice of its input channels, and the work that follows it
+(adding those sums and the bias, GroupNorm over the consumer's own slice of whole groups, Mish,
+FiLM, the residual) runs while the *next* convolution loads its input; the sampler's step runs in
+the last layer's epilogue. A network call is 30 kernels for the default UNet, about half the
+compiled layout's (latencies in ``benchmarks/sampling.md``).
 
 Each batch row's programs stream all the weights, so the path pays at batch 1 and ties at batch
-2 (measured with the previous kernels, which reduced the slices inside the launch); the UNet
-takes it up to ``fused_max_batch`` rows (2) and the compiled layout above.
+2; ``FastPredictor`` takes it up to ``UnetSampler.fused_max_batch`` rows (2) and the tokens
+layout above (``benchmarks/sampling.md``).
 
-:class:`FusedUnet` walks the network once per horizon (as ``_trunk`` does) and records each
+:class:`FusedUnet` walks the network once per horizon (as the tokens trunk does) and records each
 convolution's launch: which buffer it reads, how that input is finished, which buffers it writes.
 The weights are rearranged per tile of 16 output channels (32 in layers of 1024 channels) into
-contiguous blocks, kept until a parameter changes (:func:`fused_sampler`, like the sampling path's
-cache). It needs CUDA and Triton (the tests also run it in Triton's CPU interpreter), GroupNorm
-groups of a power of two >= 16 channels (a clear error otherwise), and the UNet's own layer shapes.
+contiguous blocks when it is built; its owner (``diffusion_policy.fast.runner.UnetSampler``)
+builds a new one when a parameter changes. It needs CUDA and Triton (the tests also run it in
+Triton's CPU interpreter), GroupNorm groups of a power of two >= 16 channels (a clear error
+otherwise), and the UNet's own layer shapes.
 """
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from diffusion_policy.fast.tokens import film_blocks
 
 BN = 16  # the fewest output channels per program (the smallest tile of a tensor-core product)
 # programmatic dependent launch: off; the next kernel launched as each program starts; as it ends
@@ -117,13 +119,13 @@ class FusedUnet:
     def __init__(self, net):
         self.net = net
         self.dtype = net.final[1].weight.dtype
-        blocks = net._blocks()
+        blocks = film_blocks(net)
         for gn in [m for m in net.modules() if isinstance(m, nn.GroupNorm)]:
             cg = gn.num_channels // gn.num_groups
             if cg < BN or cg & (cg - 1):
                 raise ValueError(f"the fused sampling path needs GroupNorm groups of a power of two >= {BN} "
                                  f"channels; this UNet has groups of {cg} ({gn.num_channels} channels in "
-                                 f"{gn.num_groups} groups): use sampling_layout='tokens'")
+                                 f"{gn.num_groups} groups): use FastPredictor without fused=True")
         # every block's FiLM linear, concatenated: one product per chunk for the time table and
         # one for the observation part
         lin = [blk.film[1] for blk in blocks]
@@ -277,8 +279,8 @@ class FusedUnet:
     # ----------------------------------------------------------------------------- running
     def _time_table(self, times: torch.Tensor) -> torch.Tensor:
         """Every block's FiLM part that depends on the time alone, ``(S, sum 2C)`` float32 for
-        the network times ``times (S,)``. Kept for the ``times`` tensor itself (a sampler's
-        cached times, ``methods.diffusion.NetworkTimes``): the same tensor object gets the same
+        the network times ``times (S,)``. Kept for the ``times`` tensor itself (a sampling plan's
+        ``times``, which the method keeps per steps and device): the same tensor object gets the same
         table without a kernel, so such a tensor must not be modified in place. Not kept while a
         CUDA graph is being captured (the table is then filled only when the graph replays)."""
         hit = self._time_tables.get(id(times))
@@ -306,9 +308,9 @@ class FusedUnet:
         return self._plan(H)[0], self._buffers[key]
 
     def prepare(self, cond: torch.Tensor, times: torch.Tensor, update=None):
-        """As ``ConditionalUnet1D.prepare_sampling``: ``f(x, i)`` -> the network's output at
-        ``times[i]``, or the sampler's next chunk with ``update``."""
-        from diffusion_policy.nets.fused_kernels import conv_kernel
+        """As ``TokensUnet.prepare``: ``f(x, i)`` -> the network's output at ``times[i]``, or the
+        sampler's next chunk with ``update``."""
+        from diffusion_policy.fast.fused_kernels import conv_kernel
 
         net = self.net
         B = cond.shape[0]
@@ -326,8 +328,7 @@ class FusedUnet:
             if x.ndim != 3 or x.shape[0] != B or x.shape[2] != net.action_dim:
                 raise ValueError(f"x has shape {tuple(x.shape)}, expected ({B}, H, {net.action_dim})")
             H = x.shape[1]
-            if H % net.downsample_factor:
-                raise ValueError(f"horizon H={H} must be divisible by {net.downsample_factor}")
+            net.check_horizon(H)
             launches, bufs = self._state(H, B, dev)
             bufs = dict(bufs)
             bufs["x"] = x = x.float().contiguous()
@@ -353,20 +354,11 @@ class FusedUnet:
             bufs[a.buf], a.bias if a.bias is not None else ln.bias, gamma, beta,
             float(gn.eps) if gn is not None else 0.0,
             film_t, film_p, film_t.shape[1], self.film_offsets[film] if film is not None else 0, i,
-            bufs[res.buf] if res is not None else out, res.bias if res is not None and res.bias is not None else ln.bias,
+            bufs[res.buf] if res is not None else out,
+            res.bias if res is not None and res.bias is not None else ln.bias,
             bufs[a.mat] if a.mat else out, bufs[ln.b] if ln.b else out, ln.w,
             ln.ws if ln.ws is not None else ln.w,
             out, bufs[ln.skip_out] if ln.skip_out else out, ln.bias,
             bufs["x"], *(u or (0.0,) * 6), B, a.L, ln.L_out, nt,
             MAT=a.mat is not None, FINAL=ln.update, UPDATE=ln.update and u is not None, **ln.consts, PDL=pdl,
             num_warps=self.num_warps, **({"launch_pdl": True} if pdl else {}))
-
-
-def fused_sampler(net) -> FusedUnet:
-    """The :class:`FusedUnet` of ``net``, rebuilt when a parameter changed (storage or version)."""
-    key = tuple((p.data_ptr(), p._version, p.dtype, str(p.device)) for p in net.parameters())
-    cached = net.__dict__.get("_fused_cache")
-    if cached is None or cached[0] != key:
-        cached = (key, FusedUnet(net))
-        net.__dict__["_fused_cache"] = cached
-    return cached[1]

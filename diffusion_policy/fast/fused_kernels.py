@@ -1,4 +1,4 @@
-"""Triton kernel of the fused sampling path (``diffusion_policy.nets.fused_unet``): one launch
+"""Triton kernel of the fused sampling path (``diffusion_policy.fast.fused_unet``): one launch
 computes one convolution of the UNet for every batch row.
 
 Program (batch row ``b``, tile ``nt`` of ``BN`` output channels, slice ``s`` of ``BK`` input

@@ -29,8 +29,10 @@ metadata) is refused (:class:`RemoteError`). An error reply raises :class:`Remot
 
 Observations: low-dimensional floating arrays are cast to float32 (the policy's normalizer casts
 them to float32 first anyway); images must be uint8 and nothing else is converted: a wrong key,
-shape or dtype comes back as a ``RemoteRequestError`` naming it. Torch tensors are accepted (read
-through ``.detach().cpu().numpy()``).
+shape or dtype comes back as a ``RemoteRequestError`` naming it, and so does a window with NaN or
+inf in it (a local ``Policy.predict`` would return a NaN chunk). Torch tensors are accepted (read
+through ``.detach().cpu().numpy()``). One request runs at a time per client (a lock): a control
+loop's inference thread and its main thread may share one.
 """
 from __future__ import annotations
 

@@ -25,6 +25,7 @@ Conversation (``PROTOCOL_VERSION`` 1)::
     reset   {id, seed}                       ->
                                              <-     reset {id, seed}
     (any request that is wrong)              <-     error {id, code, message}; the connection stays
+                                                    (id null when the request could not be read)
 
 ``metadata`` is :func:`diffusion_policy.serving.server.policy_metadata`'s dict: observation keys,
 shapes and dtypes, action size and range, ``To``, ``H``, ``Ta``, control rate and method. A

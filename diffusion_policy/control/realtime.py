@@ -451,6 +451,8 @@ class RealtimeLoop:
         late = np.asarray(self.tick_late) if self.tick_late else np.zeros(1)
         return {
             "success": bool(info.get("success", False)), "steps": self.n_rows(max_steps), "ticks": self.ticks,
+            "max_reward": (float(self.robot.max_reward) if hasattr(self.robot, "max_reward") and self.n_rows(max_steps)
+                           else None),
             "chunks": len(self.chunks), "dropped_actions": self.dropped,
             "late_waypoints": int(getattr(self.robot, "late_waypoints", 0)),
             "held_steps": int(getattr(self.robot, "held_steps", 0)),

@@ -105,7 +105,7 @@ class SimRobot:
             self.executed: list = []
             self.late_waypoints = self.held_steps = 0
             self.done, self.info, self.stopped = False, dict(info), False
-            self.steps = 0
+            self.steps, self.max_reward = 0, -math.inf
         self._timer = self.clock.every(1.0 / self.rate_hz, self._tick, name="sim-robot")
 
     def _add_frame(self, obs: dict, capture: float) -> None:
@@ -179,8 +179,9 @@ class SimRobot:
             self._waypoints = [w for w in self._waypoints if w[0] > T_k + EPS]
             self._last = (T_k, target)
             self.executed.append((T_k, target.copy(), stamp, arrival))
-            obs, _, terminated, truncated, info = self.env.step(target.astype(self.action_space.dtype))
+            obs, reward, terminated, truncated, info = self.env.step(target.astype(self.action_space.dtype))
             self.steps += 1
+            self.max_reward = max(self.max_reward, float(reward))
             self._add_frame(obs, T_k + self.dt)
             if terminated or truncated:
                 self.done, self.info = True, dict(info, terminated=bool(terminated))

@@ -8,7 +8,7 @@ only.
 :func:`run_shard` is the one runner: ``dp-eval`` (diffusion_policy/evaluate.py) writes reports
 from it, ``dp-train`` calls :func:`run_episodes` (the same runner, metrics only) for checkpoint
 selection, and anything else that rolls a policy out in simulation (a deploy benchmark) passes its
-own actor factory.
+own actor factory (DESIGN.md, "One rollout runner").
 """
 from __future__ import annotations
 

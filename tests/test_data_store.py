@@ -95,8 +95,12 @@ def test_pop_and_copy(store, tmp_path):
     again = EpisodeStore.open(store.path)
     np.testing.assert_array_equal(again.episode_ends, [5, 14, 17, 19])
     np.testing.assert_array_equal(again.get_episode(3)["state"], episode(3, 2)["state"])
+    record = {"env_id": "dp/PushT-v1", "task": "pusht", "dart_noise": 0.0}
+    EpisodeStore.open(store.path, mode="a")._group.attrs.update(record)  # dp-collect's record
+    again = EpisodeStore.open(store.path)
     dst = again.copy_to(tmp_path / "c.zarr", episodes=[3, 1])
     np.testing.assert_array_equal(dst.episode_ends, [2, 11])
+    assert dict(dst._group.attrs) == record  # a copy keeps where its episodes came from
     for j, i in enumerate([3, 1]):
         for key in again.keys():
             np.testing.assert_array_equal(dst.get_episode(j)[key], again.get_episode(i)[key])

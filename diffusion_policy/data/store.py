@@ -481,6 +481,9 @@ class EpisodeStore:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a copy killed before its rename
         try:
             dst = EpisodeStore.create(tmp)
+            # the root attributes (dp-collect's provenance record: env id, task, expert) travel
+            # with the episodes, so a copy is refused or accepted by dp-train like its source
+            dst._group.attrs.update(dict(self._group.attrs))
             for i in ids:
                 expected = None if recorded is None else dict(zip(recorded[0], map(int, recorded[1][i])))
                 try:

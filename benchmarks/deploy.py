@@ -95,6 +95,8 @@ def loop_latency(args) -> None:
 
     rows = []
     configs = [("local eager", ["inference=eager"]), ("local compiled", ["inference=compile"])]
+    if args.only:
+        configs = [c for c in configs if c[0] in args.only.split(",")]
     if args.url:
         configs.append(("dp-serve loopback", ["policy=remote", f"url={args.url}", f"task={args.task}"]))
     for name, extra in configs:
@@ -110,31 +112,50 @@ def loop_latency(args) -> None:
 
 
 def plot(args) -> None:
-    import matplotlib
+    """Success against latency, one panel per file, 95% Wilson intervals as bars (PIL: no
+    plotting library needed)."""
+    from PIL import Image, ImageDraw
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    colors = {"naive": (200, 80, 60), "async": (60, 110, 200), "async+rtc": (40, 150, 80)}
     files = [json.loads(Path(f).read_text()) for f in args.files]
-    fig, axes = plt.subplots(1, len(files), figsize=(5 * len(files), 3.6), squeeze=False)
-    for ax, pts in zip(axes[0], files):
-        for name in LOOPS:
-            p = sorted((q for q in pts if q["loop"] == name), key=lambda q: q["latency_ms"])
-            if not p:
-                continue
-            x = [q["latency_ms"] for q in p]
-            y = [q["successes"] / q["episodes"] for q in p]
-            lo = [y_ - q["success_ci"][0] for y_, q in zip(y, p)]
-            hi = [q["success_ci"][1] - y_ for y_, q in zip(y, p)]
-            ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, label=name)
-        ax.set_title(f"{pts[0]['task']} ({pts[0]['episodes']} episodes a point)")
-        ax.set_xlabel("injected inference latency (ms)")
-        ax.set_ylabel("success rate (95% Wilson CI)")
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.out or "benchmarks/deploy.png", dpi=120)
+    W, H, L, R, T, B = 520, 360, 52, 14, 30, 46
+    img = Image.new("RGB", (W * len(files), H), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    for panel, pts in enumerate(files):
+        ox = panel * W
+        lats = sorted({q["latency_ms"] for q in pts})
+        pw, ph = W - L - R, H - T - B
+
+        def xy(i, v, k=0):
+            return ox + L + pw * (i + 0.5) / len(lats) + 6 * (k - 1), T + ph * (1 - v)
+
+        for frac in (0, 0.25, 0.5, 0.75, 1.0):
+            y = T + ph * (1 - frac)
+            d.line((ox + L, y, ox + L + pw, y), fill=(225, 225, 225))
+            d.text((ox + 8, y - 6), f"{frac:.2f}", fill=(60, 60, 60))
+        d.rectangle((ox + L, T, ox + L + pw, T + ph), outline=(0, 0, 0))
+        d.text((ox + L, 8), f"{pts[0]['task']}: success ({pts[0]['episodes']} episodes a point, 95% CI)",
+               fill=(0, 0, 0))
+        for i, lat in enumerate(lats):
+            x, _ = xy(i, 0)
+            d.text((x - 14, T + ph + 6), f"{lat:.0f} ms", fill=(60, 60, 60))
+        d.text((ox + L + pw / 2 - 80, H - 18), "injected inference latency", fill=(60, 60, 60))
+        for k, name in enumerate(LOOPS):
+            p = {q["latency_ms"]: q for q in pts if q["loop"] == name}
+            line = []
+            for i, lat in enumerate(lats):
+                if lat not in p:
+                    continue
+                q = p[lat]
+                x, y = xy(i, q["successes"] / q["episodes"], k)
+                lo, hi = q["success_ci"]
+                d.line((x, xy(i, lo)[1], x, xy(i, hi)[1]), fill=colors[name], width=1)
+                d.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colors[name])
+                line.append((x, y))
+            if len(line) > 1:
+                d.line(line, fill=colors[name], width=2)
+            d.text((ox + L + 8, T + ph - 16 - 14 * (2 - k)), name, fill=colors[name])
+    img.save(args.out or "benchmarks/deploy.png")
 
 
 def main() -> None:
@@ -154,6 +175,7 @@ def main() -> None:
     lo.add_argument("--url", default="")
     lo.add_argument("--episodes", type=int, default=3)
     lo.add_argument("--max-steps", type=int, default=60)
+    lo.add_argument("--only", default="", help="comma-separated configs: local eager, local compiled")
     lo.add_argument("--out", default="")
     p = sub.add_parser("plot")
     p.add_argument("files", nargs="+")

@@ -93,6 +93,20 @@ def build_predictor(policy, inference: str):
     return FastPredictor(policy, dtype="bf16", fused=FastPredictor.can_fuse(policy))
 
 
+def warm_up(predictor, policy, num_steps, device) -> float:
+    """One chunk from a zero window before the robot moves: compilation (tens of seconds on a CPU)
+    and graph capture happen here, not inside the watchdog's deadline. Returns its seconds."""
+    import torch
+
+    t0 = time.perf_counter()
+    obs = {k: torch.zeros((1, policy.n_obs_steps, *policy.shapes[k]),
+                          dtype=torch.uint8 if k in policy.image_keys else torch.float32, device=device)
+           for k in policy.obs_keys}
+    with torch.inference_mode():
+        predictor.predict(obs, num_steps=num_steps)
+    return time.perf_counter() - t0
+
+
 def _task_named(name: str) -> TaskConfig:
     from diffusion_policy.config import compose
 
@@ -165,6 +179,8 @@ def deploy(cfg: DeployConfig, robot=None, clock=None) -> dict:
                     workspace_high=cfg.workspace_high, obs_deadline=cfg.obs_deadline_s,
                     chunk_deadline=cfg.chunk_deadline_s, max_faults=cfg.max_faults)
     predictor = policy if cfg.policy_source == "remote" else build_predictor(policy, cfg.inference)
+    if predictor is not policy:
+        warm_up(predictor, policy, cfg.num_inference_steps, device)
     latency = None
     if cfg.inference_latency_ms is not None or cfg.inference_jitter_ms:
         latency = Latency((cfg.inference_latency_ms or 0.0) / 1e3, cfg.inference_jitter_ms / 1e3, seed=cfg.seed)

@@ -14,7 +14,8 @@ as timestamped waypoints, through :class:`~diffusion_policy.control.safety.Safet
 Each tick of the loop (every ``dt``): read the newest observation (checked, pushed into the
 controller's history when it is new), run the watchdog, accept a finished chunk, request the next
 one, decide ok / hold / stop. A hold (any fault) lasts until a good chunk has been accepted after
-the last fault; while holding, a chunk is requested as soon as a newer observation is there. A chunk that finishes between ticks is accepted and sent at once
+the last fault; while holding, a chunk is requested as soon as a newer observation is there.
+A chunk that finishes between ticks is accepted and sent at once
 (the loop sleeps until the next tick *or* the result, whichever comes first), so the latency from
 observation to first command is the inference time, not rounded up to a tick.
 

@@ -38,7 +38,8 @@ class Safety:
         self.low = np.asarray(action_low, np.float64)
         self.high = np.asarray(action_high, np.float64)
         if self.low.shape != self.high.shape or self.low.ndim != 1 or np.any(self.low > self.high):
-            raise ValueError(f"Safety: action bounds {self.low} .. {self.high} must be two (Da,) vectors with low <= high")
+            raise ValueError(f"Safety: action bounds {self.low} .. {self.high} must be two (Da,) vectors "
+                             f"with low <= high")
         da = len(self.low)
         self.max_delta = None if max_delta is None else np.broadcast_to(
             np.asarray(max_delta, np.float64), (da,)).copy()
@@ -56,7 +57,8 @@ class Safety:
         if obs_deadline <= 0 or chunk_deadline <= 0 or max_faults < 1:
             raise ValueError(f"Safety: obs_deadline={obs_deadline}, chunk_deadline={chunk_deadline} must be > 0 "
                              f"s and max_faults={max_faults} >= 1")
-        self.obs_deadline, self.chunk_deadline, self.max_faults = float(obs_deadline), float(chunk_deadline), int(max_faults)
+        self.obs_deadline, self.chunk_deadline = float(obs_deadline), float(chunk_deadline)
+        self.max_faults = int(max_faults)
         self.counts = {k: 0 for k in COUNTERS}
         self.events: list = []  # (time, kind, detail, count)
         self.consecutive = 0  # faulty ticks since the last good chunk

@@ -10,6 +10,7 @@ import pytest
 from diffusion_policy.config import compose
 from diffusion_policy.control.clock import SimClock, WallClock, make_clock
 from diffusion_policy.control.sim_robot import SimRobot
+from conftest import needs_gl
 
 
 def task(name="pusht", steps=20):
@@ -111,3 +112,19 @@ def test_episode_end_and_waypoint_errors():
         robot.command(np.zeros((2, 3)), [0.2, 0.3])
     with pytest.raises(ValueError, match="NaN"):
         robot.command(np.full((1, 2), np.nan), [0.2])
+
+
+@needs_gl
+def test_pickplace_cameras_have_their_own_latency():
+    """PickPlace from pixels: each camera its own latency, proprioception without."""
+    clock = SimClock()
+    robot = SimRobot(task("pickplace_image", 10), clock,
+                     obs_latency={"front_image": 0.15, "wrist_image": 0.05})
+    robot.reset(seed=0)
+    clock.sleep_until(0.35)
+    obs, t = robot.observe()
+    assert obs["front_image"].shape == (96, 96, 3) and obs["front_image"].dtype == np.uint8
+    newest = {k: max(f[0] for f in v if f[1] <= 0.35 + 1e-9) for k, v in robot._frames.items()}
+    assert newest == pytest.approx({"front_image": 0.2, "wrist_image": 0.3, "agent_pos": 0.3})
+    assert t == pytest.approx(0.2)  # as old as its oldest part
+    robot.close()

@@ -417,7 +417,6 @@ class ServeConfig:
     """Run one chunk before accepting connections, so compilation and CUDA graph capture are not
     paid by the first robot request."""
 
-
 # ---------------------------------------------------------------------------------- dp-deploy
 @dataclass
 class DeployConfig:
@@ -425,8 +424,10 @@ class DeployConfig:
 
     checkpoint: str = ""
     """A run, checkpoint or policy directory (``policy=local``); unused with ``policy=remote``."""
-    policy: str = "local"
-    """``local`` (run the checkpoint in this process) or ``remote`` (a ``dp-serve`` at ``url``)."""
+    policy_source: str = "local"
+    """``local`` (run the checkpoint in this process) or ``remote`` (a ``dp-serve`` at ``url``). On the
+    command line ``policy=remote`` says the same (``dp-deploy`` rewrites it: ``policy`` is also the
+    name of the network config group, which hydra would look for)."""
     url: str = "ws://127.0.0.1:8765"
     """``policy=remote``: the server."""
     token: str = ""

@@ -417,6 +417,7 @@ class ServeConfig:
     """Run one chunk before accepting connections, so compilation and CUDA graph capture are not
     paid by the first robot request."""
 
+
 # ---------------------------------------------------------------------------------- dp-deploy
 @dataclass
 class DeployConfig:

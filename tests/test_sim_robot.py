@@ -10,6 +10,7 @@ import pytest
 from diffusion_policy.config import compose
 from diffusion_policy.control.clock import SimClock, WallClock, make_clock
 from diffusion_policy.control.sim_robot import SimRobot
+
 from conftest import needs_gl
 
 

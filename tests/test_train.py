@@ -312,11 +312,14 @@ def test_rollout_selection_keeps_best_checkpoint(store, tmp_path):
 
 
 def test_torchrun_two_ranks_on_cpu(store, tmp_path):
-    """The same dp-train under torchrun (gloo on CPU): rank 0 alone writes, losses all-reduced."""
-    run = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    """The same dp-train under torchrun (gloo on CPU): rank 0 alone writes, losses all-reduced;
+    each step the two ranks train on disjoint windows and hold equal weights after it (recorded by
+    tests/ddp_probe.py, which wraps dp-train's main)."""
+    run, probe = tmp_path / "ddp", tmp_path / "probe"
+    probe.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "DP_PROBE_DIR": str(probe)}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node=2", "-m", "diffusion_policy.train", *TINY, f"data={store}",
+                        "--nproc_per_node=2", str(REPO / "tests" / "ddp_probe.py"), *TINY, f"data={store}",
                         f"run_dir={run}", "steps=4", "ddp_bucket_mb=1"], capture_output=True, text=True, env=env,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -324,3 +327,9 @@ def test_torchrun_two_ranks_on_cpu(store, tmp_path):
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines if "train/loss" in l] == [1, 2, 3, 4]  # one writer
     assert ckpt.read_latest(run) == "step_0000004"
+    for step in range(1, 5):
+        a, b = (safetensors.torch.load_file(str(probe / f"rank{k}_step{step}.safetensors")) for k in (0, 1))
+        rows = [tuple(x.flatten().tolist()) for x in torch.cat([a["action"], b["action"]])]
+        assert len(a["action"]) == len(b["action"]) == 8 and len(set(rows)) == 16, step  # disjoint halves
+        params = [k for k in a if k.startswith("param.")]
+        assert params and all(torch.equal(a[k], b[k]) for k in params), step  # gradients all-reduced

@@ -29,7 +29,8 @@ def ema_update(ema, model, decay):
     _last.setdefault("n", 0)
     _last["n"] += 1
     tensors = {f"param.{k}": v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file({"action": _last["action"].contiguous(), **tensors}, os.path.join(OUT, f"rank{RANK}_step{_last['n']}.safetensors"))
+    path = os.path.join(OUT, f"rank{RANK}_step{_last['n']}.safetensors")
+    save_file({"action": _last["action"].contiguous(), **tensors}, path)
 
 
 EpochBatches.batch = batch

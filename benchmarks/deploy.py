@@ -125,9 +125,10 @@ def plot(args) -> None:
         ox = panel * W
         lats = sorted({q["latency_ms"] for q in pts})
         pw, ph = W - L - R, H - T - B
+        n = len(lats)
 
-        def xy(i, v, k=0):
-            return ox + L + pw * (i + 0.5) / len(lats) + 6 * (k - 1), T + ph * (1 - v)
+        def xy(i, v, k=0, ox=ox, pw=pw, ph=ph, n=n):
+            return ox + L + pw * (i + 0.5) / n + 6 * (k - 1), T + ph * (1 - v)
 
         for frac in (0, 0.25, 0.5, 0.75, 1.0):
             y = T + ph * (1 - frac)

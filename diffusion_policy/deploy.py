@@ -138,13 +138,17 @@ def _percentiles(values) -> dict:
     return {"p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99))}
 
 
+def _ms(x: float | None) -> str:
+    """A latency figure for the status line and the summary ("-" before the first chunk)."""
+    return "-" if x is None else f"{x:.1f}"
+
+
 def status_line(ep: int, loop: RealtimeLoop, totals: dict) -> str:
     lat = _percentiles([c["latency_s"] * 1e3 for c in loop.chunks] + totals["inference_ms"])
     ticks = loop.tick_times
     rate = (len(ticks) - 1) / (ticks[-1] - ticks[0]) if len(ticks) > 1 and ticks[-1] > ticks[0] else 0.0
-    fmt = (lambda x: "-" if x is None else f"{x:.1f}")
     return (f"dp-deploy ep {ep} tick {loop.ticks} | rate {rate:.1f} Hz | inference p50 "
-            f"{fmt(lat['p50'])} ms p99 {fmt(lat['p99'])} ms | dropped {totals['dropped'] + loop.dropped} | safety "
+            f"{_ms(lat['p50'])} ms p99 {_ms(lat['p99'])} ms | dropped {totals['dropped'] + loop.dropped} | safety "
             f"{totals['interventions'] + loop.safety.interventions} | holds {loop.safety.counts['hold']}")
 
 
@@ -304,12 +308,11 @@ def summarize(records, cfg, task, label, out, seconds, safety) -> dict:
 
 
 def summary_text(s: dict) -> str:
-    fmt = (lambda x: "-" if x is None else f"{x:.1f}")
     lo, hi = s["success_ci"] or (0, 0)
     return (f"dp-deploy: {s['task']} {s['label']} ({s['mode']}, {s['transition']}, clock={s['clock']}): success "
             f"{s['success_rate']:.2f} (95% CI {lo:.2f}-{hi:.2f}) over {s['episodes']} episodes | rate "
-            f"{fmt(s['rate_hz_mean'])} Hz | inference p50 {fmt(s['inference_latency_ms']['p50'])} ms p99 "
-            f"{fmt(s['inference_latency_ms']['p99'])} ms | obs->command p50 {fmt(s['loop_latency_ms']['p50'])} ms | "
+            f"{_ms(s['rate_hz_mean'])} Hz | inference p50 {_ms(s['inference_latency_ms']['p50'])} ms p99 "
+            f"{_ms(s['inference_latency_ms']['p99'])} ms | obs->command p50 {_ms(s['loop_latency_ms']['p50'])} ms | "
             f"dropped {s['dropped_actions']} | late {s['late_waypoints']} | held steps {s['held_steps']} | safety "
             f"{sum(v for k, v in s['safety'].items() if k not in ('hold', 'stop'))} interventions, "
             f"{s['safety']['hold']} holds, {s['safety']['stop']} stops | log {s['out']}/episodes.zarr")

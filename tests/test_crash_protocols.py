@@ -94,6 +94,13 @@ def test_checkpoint_commit_survives_a_crash_at_every_write(tmp_path, monkeypatch
     writes.active = False
     total = writes.n
     assert total >= 10 and {"fsync", "replace", "rename"} <= set(writes.log), writes.log
+    # every file of the checkpoint reaches the disk before the folder is renamed into place, and the
+    # pointer file before it replaces ``latest`` (without it a power loss can leave latest empty)
+    n_files = sum(p.is_file() for p in (tmp_path / "ref" / "checkpoints" / "step_0000002").rglob("*"))
+    first_rename = writes.log.index("rename")
+    assert writes.log[:first_rename].count("fsync") >= n_files, writes.log
+    first_replace = writes.log.index("replace")
+    assert writes.log[first_replace - 1] == "fsync", writes.log
     names_seen = set()
     for crash_at in range(1, total + 1):
         run = tmp_path / f"run{crash_at}"

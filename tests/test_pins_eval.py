@@ -42,9 +42,10 @@ def test_expert_succeeds_on_every_seed(tmp_path):
     m = ev.evaluate(EvalConfig(checkpoint="expert", task=TaskConfig(**{**AVOID, "max_episode_steps": 60}),
                                episodes=3, videos=0, out=str(tmp_path / "x"), seed=0))
     assert m["success_rate"] == 1.0 and m["successes"] == 3
-    assert m["seeds"] == [EVAL_SEED_BASE, EVAL_SEED_BASE + 1, EVAL_SEED_BASE + 2] and m["seed_base"] == EVAL_SEED_BASE
+    assert m["seeds"] == [1_000_000, 1_000_001, 1_000_002] and m["seed_base"] == EVAL_SEED_BASE == 1_000_000
     eps = [json.loads(x) for x in (tmp_path / "x" / "episodes.jsonl").read_text().splitlines()]
     assert [e["success"] for e in eps] == [True, True, True] and all(e["length"] < 60 for e in eps)
+    assert [e["max_reward"] for e in eps] == [max(e["rewards"]) for e in eps]
 
 
 def test_evaluation_seed_guard(tmp_path):

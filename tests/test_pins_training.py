@@ -155,6 +155,19 @@ def test_normalizer_is_fitted_on_training_episodes_only(run_with_every_step, sto
         assert np.all(lo >= 0) and np.all(hi <= 8)
 
 
+def test_constant_dimension_gets_unit_scale():
+    """A dimension with (near-)zero spread is shifted, not divided by ~0 (LeRobot #211): scale 1
+    in both modes; offset -mean (meanstd) and -(min + max) / 2 (minmax)."""
+    x = np.array([[1.0, 3.0], [3.0, 3.0], [5.0, 3.0]], dtype=np.float32)
+    cases = [("meanstd", [1 / np.std([1.0, 3.0, 5.0]), 1.0], None), ("minmax", [0.5, 1.0], [-1.5, -3.0])]
+    for mode, scale, offset in cases:
+        st = Normalizer.fit({"a": x}, {"a": mode}).stats["a"]
+        np.testing.assert_allclose(st.scale.numpy(), scale, rtol=1e-6)
+        if offset is not None:
+            np.testing.assert_allclose(st.offset.numpy(), offset, rtol=1e-6)
+        assert float(st.scale[1]) == 1.0, mode
+
+
 # ------------------------------------------------------------------------------------ top-k
 def _tiny_state():
     cfg = compose("train", TINY)

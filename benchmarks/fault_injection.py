@@ -201,6 +201,15 @@ FAULTS = [
         "every rank gathers the first rank's windows",
     ),
     Fault(
+        "batch_rank_stride_cached",
+        "data",
+        B,
+        "t = self._perm_device[window][self.rank::self.world]",
+        "t = self._perm_device[window][0::self.world]",
+        [TR, "tests/test_data_batches.py"],
+        "every rank takes the first rank's windows (device-cache path, the one dp-train takes for low-dim data)",
+    ),
+    Fault(
         "lr_warmup_off_by_one",
         "training",
         T,

@@ -45,10 +45,11 @@ def test_batch_is_the_steps_slice_of_its_epochs_permutation():
 def test_ranks_split_the_global_batch_and_the_device_cache_changes_nothing():
     w = windows()
     whole = EpochBatches(w, batch_size=8, seed=0).batch(5)["action"]
-    ranks = [EpochBatches(w, batch_size=8, seed=0, rank=r, world=2, on_device=r == 1).batch(5)["action"]
-             for r in range(2)]
-    torch.testing.assert_close(ranks[0], whole[0::2])
-    torch.testing.assert_close(ranks[1], whole[1::2])
+    for cached in (False, True):  # both paths: the gather path and the device cache
+        ranks = [EpochBatches(w, batch_size=8, seed=0, rank=r, world=2, on_device=cached).batch(5)["action"]
+                 for r in range(2)]
+        torch.testing.assert_close(ranks[0], whole[0::2])
+        torch.testing.assert_close(ranks[1], whole[1::2])
     with pytest.raises(ValueError, match="batch_size=6 must be a positive multiple of the number of ranks \\(4\\)"):
         EpochBatches(w, batch_size=6, world=4)
 

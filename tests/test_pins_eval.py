@@ -1,16 +1,20 @@
 """dp-eval and its metrics pinned to exact values: known metrics of hand-made episode records, the
 scripted expert succeeding on every seed, the evaluation seed range and its guard, and each option
-of dp-eval (num_inference_steps, smoothing, bf16) changing what the episodes record."""
+of dp-eval (num_inference_steps, smoothing, bf16) changing what the episodes record, and a rollout
+record's max reward on an env whose reward peaks mid-episode."""
 import json
 
+import gymnasium as gym
 import numpy as np
 import pytest
+from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
 from diffusion_policy import evaluate as ev
 from diffusion_policy import report
 from diffusion_policy.config import EVAL_SEED_BASE, SEED_RANGE, EvalConfig, TaskConfig, compose
 from diffusion_policy.data.normalize import Normalizer
 from diffusion_policy.policy import Policy
+from diffusion_policy.rollout import rollout
 
 AVOID = dict(name="avoid", env_id="dp/Avoid-v0", env_kwargs={"obs_mode": "state"},
              obs_keys=["state"], image_keys=[], horizon=8, n_obs_steps=2, n_action_steps=4,
@@ -96,3 +100,48 @@ def test_each_eval_option_changes_the_episodes(run_dir, tmp_path):
         assert str(m[key]).lower() == value
         assert not np.allclose(acts, base, atol=1e-6, rtol=0), option  # the option took effect
     assert m0["smoothing"] == "none" and m0["bf16"] is False
+
+
+
+class _PeakEnv(gym.Env):
+    """A one-dimensional env whose reward rises to 0.9 at step 2 and falls (0.2, 0.9, 0.5, 0.1),
+    ending after 4 steps: the episode's highest reward is neither its last nor its mean."""
+
+    REWARDS = (0.2, 0.9, 0.5, 0.1)
+    observation_space = gym.spaces.Dict({"state": gym.spaces.Box(-1, 1, (1,), np.float32)})
+    action_space = gym.spaces.Box(-1, 1, (1,), np.float32)
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return {"state": np.zeros(1, np.float32)}, {}
+
+    def step(self, action):
+        r = self.REWARDS[self.t]
+        self.t += 1
+        return {"state": np.zeros(1, np.float32)}, r, self.t == len(self.REWARDS), False, {"success": False}
+
+
+class _ZeroActor:
+    """An actor that always commands 0 (the rollout's actor protocol)."""
+
+    def begin(self, i, seed, env=None):
+        pass
+
+    def act(self, obs, active, vec_env=None):
+        return np.zeros((len(active), 1), np.float32)
+
+    def latencies(self):
+        return []
+
+
+def test_rollout_record_keeps_the_episodes_highest_reward():
+    vec = SyncVectorEnv([_PeakEnv], autoreset_mode=AutoresetMode.DISABLED)
+    try:
+        records, _, _ = rollout(_ZeroActor(), vec, [0], [7], videos=0, final_frames=False)
+    finally:
+        vec.close()
+    (rec,) = records
+    assert rec["max_reward"] == pytest.approx(0.9)  # step 2's, not the last (0.1)
+    assert rec["return"] == pytest.approx(1.7) and rec["length"] == 4 and rec["seed"] == 7
+    assert rec["rewards"] == [0.2, 0.9, 0.5, 0.1] and rec["success"] is False

@@ -548,16 +548,9 @@ def run_one(root: Path, f: Fault, timeout: int) -> dict:
 
 # why a fault survives (kept with the faults so that the table says it next to the result)
 WHY = {
-    "batch_rank_stride": "the patched line is EpochBatches' gather path, which dp-train does not take for "
-    "low-dimensional data (device cache; its fault, batch_rank_stride_cached, is caught); "
-    "tests/test_data_batches.py puts only rank 0 on the gather path, for which 0::W and rank::W agree. "
-    "Caught once that test also runs rank 1 without the cache",
     "no_grad_clip": "AdamW divides each update by the running RMS of the gradients, so clipping by a "
     "near-constant factor barely changes a 2-4 step tiny run and no test pins the clipped gradient; a "
     "pin needs a seam (the step's gradients before and after clipping) or a plain-SGD test of the loop",
-    "max_reward_is_last": "the scripted expert's last reward (at success) is its highest, so the expert "
-    "episodes cannot tell max from last; the hand-made records test report.compute_metrics, not the "
-    "rollout's per-episode record. A pin needs an env whose reward peaks before the end",
 }
 
 
@@ -575,7 +568,10 @@ def write_table(results: dict) -> None:
         "",
         "Each row is the fault's latest run. The first full pass (46 faults, before the two-rank test checked "
         "disjoint data, the checkpoint test checked fsync, the seeds were pinned as literals and a constant "
-        "dimension's scale was pinned) caught 39 of 46; the 7 survivors were re-run on the later commit.",
+        "dimension's scale was pinned) caught 39 of 46; the 7 survivors were re-run on the later commit. "
+        "batch_rank_stride and max_reward_is_last were re-run once more at e4ffd25 (both batch paths split "
+        "over two ranks; a rollout record on an env whose reward peaks mid-episode). The rows therefore come "
+        "from three commits, not one clean pass of HEAD.",
         "",
         "| fault | area | what | outcome | s |",
         "| --- | --- | --- | --- | --- |",

@@ -1,7 +1,7 @@
 """dp-train behaviours pinned to exact values through the public functions: the EMA recurrence
 (hand-computed) and the EMA being what checkpoints and dp-eval load, the top-k order of
-checkpoints and the ``best`` pointer, the normalizer fitted on training episodes only, and the
-selection rollouts on the selection seed range.
+checkpoints and the ``best`` pointer, the normalizer fitted on training episodes only, the
+selection rollouts on the selection seed range, and gradient clipping at the configured norm.
 
 Tiny budgets throughout (a 2-level UNet of 16/32 channels, 3 steps): each test takes seconds.
 """
@@ -252,3 +252,27 @@ def test_selection_rollouts_use_the_selection_seeds_and_pick_the_best(store, tmp
     assert all(torch.equal(calls[2]["weights"][k], ema[k]) for k in ema)  # rolled out: the EMA
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["eval/success_rate"] for x in lines if "eval/success_rate" in x] == [0.25, 0.75, 0.5]
+
+
+# ------------------------------------------------------------------------------ gradient clipping
+def test_each_step_clips_the_gradients_to_the_configured_norm(store, tmp_path, monkeypatch):
+    """Every optimizer step clips with ``grad_clip`` from the config: the gradients the optimizer
+    sees have total norm min(norm before, grad_clip). Recorded by wrapping torch's clip_grad_norm_."""
+    real = torch.nn.utils.clip_grad_norm_
+    calls = []
+
+    def recording(parameters, max_norm, *args, **kwargs):
+        params = [p for p in parameters if p.grad is not None]
+        before = real(params, float("inf"))  # the norm alone (an infinite bound scales nothing)
+        out = real(params, max_norm, *args, **kwargs)
+        after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        calls.append((float(max_norm), float(before), float(after), float(out)))
+        return out
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
+    train(compose("train", TINY + [f"data={store}", f"run_dir={tmp_path / 'run'}", "steps=2", "grad_clip=0.001"]))
+    assert [c[0] for c in calls] == [0.001, 0.001]  # one clip per step, at the configured norm
+    for max_norm, before, after, returned in calls:
+        assert before > max_norm  # this tiny run's gradients are far larger: clipping really acts
+        assert after == pytest.approx(max_norm, rel=1e-5)
+        assert returned == pytest.approx(before, rel=1e-6)  # torch returns the norm before clipping

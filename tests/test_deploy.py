@@ -293,3 +293,14 @@ def _store_valid(tmp_path, rows):
     assert errors == []
     back = EpisodeStore.open(path)
     assert back.n_episodes == 1 and np.all(np.isfinite(back["action"]))
+
+
+def test_rtc_after_a_stall_that_outlasts_the_plan_samples_unguided():
+    """To = 3 and a 1.5 s stall: when the next chunk is requested the previous plan ended before the
+    observation's step, so there is nothing committed to guide toward; the loop samples unguided
+    (it used to raise in the soft mask) and finishes the episode."""
+    pol = tiny_policy(["task.max_episode_steps=40", "task.n_obs_steps=3"], task="pusht")
+    loop = make_loop(pol, latency=Latency(fn=lambda i: 1.5 if i == 1 else 0.0), transition="rtc")
+    rec, _ = run(loop, SEEDS[0])
+    assert rec["steps"] == 40 and rec["chunks"] == 5 and not rec["stopped"]
+    assert rec["safety"]["stall"] == 4 and rec["safety"]["hold"] == 1 and rec["late_waypoints"] == 0

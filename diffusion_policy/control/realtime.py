@@ -293,7 +293,9 @@ class RealtimeLoop:
             n = committed
         else:
             n = end
-        if n <= 0:
+        if n <= 0 or (self.transition == "rtc" and end < To - 1):
+            # rtc: the old plan ended before the observation's step (it ran out during
+            # a stall): nothing is committed to guide toward, the chunk is sampled unguided
             return {}
         prefix = np.zeros((1, n, self.robot.action_space.shape[0]), np.float32)
         for i in range(n):
